@@ -1,0 +1,199 @@
+"""App wiring: typed state, resources with cleanup contexts, the catch-all route and the request middleware."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from proxy.config import Settings, require_upstream
+from proxy.errors import NOT_A_FORWARD_PROXY, GatewayError, error_response
+from proxy.forwarding import StreamAborted, Upstream, create_session
+from proxy.gateway import DECISION, REQUEST_ID, ROUTE, Gateway, no_automatic_continue
+from proxy.known import KnownForeign
+from proxy.logs import log_event, redacted_query
+from proxy.manifests import ForeignLayer, digest_lines, is_digest
+from proxy.store import ForeignStore, open_store
+
+logger = logging.getLogger("foreign_layer_proxy.access")
+
+SETTINGS = web.AppKey("settings", Settings)
+STORE = web.AppKey("store", ForeignStore)
+KNOWN = web.AppKey("known", KnownForeign)
+UPSTREAM = web.AppKey("upstream", Upstream)
+GATEWAY = web.AppKey("gateway", Gateway)
+
+
+class InFlight:
+    """Requests being handled, so that a shutdown can wait for them.
+
+    aiohttp's own graceful shutdown stops reading request bodies at once, which would cut every
+    upload in progress; the gateway stops listening, lets these finish, and only then cleans up.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+
+IN_FLIGHT = web.AppKey("in_flight", InFlight)
+
+STREAM_BUFFER_BYTES = 256 * 1024
+
+
+def read_digest_files(paths: tuple[Path, ...]) -> dict[str, ForeignLayer]:
+    """Digests listed in config files; a bad line raises ValueError naming file and line."""
+    layers: dict[str, ForeignLayer] = {}
+    for path in paths:
+        try:
+            text = path.read_text()
+        except OSError as error:
+            raise ValueError(f"{path}: cannot read digest file: {error.strerror}") from None
+        for digest in digest_lines(text):
+            if not is_digest(digest):
+                raise ValueError(f"{path}: not a digest: {digest[:80]!r}")
+            layers[digest] = ForeignLayer(digest=digest, media_type="", size=0)
+    return layers
+
+
+@web.middleware
+async def exchange(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Per request: the request id, the forward-proxy guard, OCI error bodies, and the one access log line."""
+    started = time.perf_counter()
+    request[REQUEST_ID] = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+    in_flight = request.app[IN_FLIGHT]
+    in_flight.enter()
+    status = 0
+    try:
+        if request.method == "CONNECT" or not request.raw_path.startswith("/"):
+            raise GatewayError(NOT_A_FORWARD_PROXY)
+        response = await handler(request)
+        status = response.status
+        if in_flight.draining:
+            response.force_close()
+        return response
+    except GatewayError as error:
+        status = error.kind.status
+        log_event(logger, logging.WARNING, "gateway_error", code=error.kind.code, message=str(error),
+                  request_id=request[REQUEST_ID])
+        return error_response(error)
+    except StreamAborted as aborted:
+        status = 499
+        log_event(logger, logging.WARNING, "stream_aborted", cause=aborted.cause, request_id=request[REQUEST_ID])
+        if request.transport is not None:
+            request.transport.close()
+        raise
+    finally:
+        in_flight.leave()
+        route = request.get(ROUTE)
+        decision = request.get(DECISION)
+        log_event(
+            logger,
+            logging.INFO,
+            "request",
+            method=request.method,
+            path=request.path,
+            query=redacted_query(request.rel_url.query) or None,
+            status=status,
+            bytes_in=request.content.total_bytes,
+            duration_ms=round((time.perf_counter() - started) * 1000, 1),
+            repository=route.repository if route else None,
+            decision=decision.action.value if decision else None,
+            client=request.remote,
+            request_id=request[REQUEST_ID],
+        )
+
+
+async def store_context(app: web.Application) -> AsyncIterator[None]:
+    store = app.get(STORE) or open_store(app[SETTINGS].store.url)
+    app[STORE] = store
+    yield
+    await store.close()
+
+
+async def known_context(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    known = KnownForeign(app[STORE], read_digest_files(settings.foreign.digest_files), settings.store.sync_interval)
+    with contextlib.suppress(Exception):
+        await known.resync()
+    app[KNOWN] = known
+    task = asyncio.create_task(known.run())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    with contextlib.suppress(Exception):
+        await known.flush()
+
+
+async def upstream_context(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    session = create_session(settings.upstream)
+    app[UPSTREAM] = Upstream(require_upstream(settings), session)
+    app[GATEWAY] = Gateway(settings, app[UPSTREAM], app[KNOWN])
+    yield
+    await session.close()
+
+
+async def dispatch(request: web.Request) -> web.StreamResponse:
+    return await request.app[GATEWAY].handle(request)
+
+
+def create_app(settings: Settings, store: ForeignStore | None = None) -> web.Application:
+    app = web.Application(middlewares=[exchange])
+    app[SETTINGS] = settings
+    app[IN_FLIGHT] = InFlight()
+    if store is not None:
+        app[STORE] = store
+    app.cleanup_ctx.extend([store_context, known_context, upstream_context])
+    app.router.add_route("*", "/{tail:.*}", dispatch, expect_handler=no_automatic_continue)
+    return app
+
+
+def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    if settings.server.tls_cert is None or settings.server.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(settings.server.tls_cert, settings.server.tls_key)
+    return context
+
+
+def runner_for(app: web.Application, settings: Settings) -> web.AppRunner:
+    return web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=None,
+        handler_cancellation=True,
+        auto_decompress=False,
+        read_bufsize=STREAM_BUFFER_BYTES,
+        keepalive_timeout=settings.server.idle_timeout,
+        shutdown_timeout=settings.server.shutdown_timeout,
+    )

@@ -1,0 +1,326 @@
+"""Settings: one typed, validated object from defaults, the YAML file, the environment and flags.
+
+Later sources win: defaults < config file < FOREIGN_LAYER_PROXY_<SECTION>_<KEY> < command-line flags.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+from yarl import URL
+
+from proxy.manifests import FOREIGN_MEDIA_TYPES
+from proxy.policy import Action, Policy, Rule
+
+ENV_PREFIX = "FOREIGN_LAYER_PROXY_"
+
+
+class ConfigError(Exception):
+    """A user error in the configuration; its message is one line naming the key or file."""
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_address(value: object) -> Address:
+    text = str(value).strip()
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return Address(host, int(port))
+
+
+def parse_bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def parse_positive_float(value: object) -> float:
+    if isinstance(value, bool):
+        raise TypeError("expected a number of seconds")
+    number = float(str(value))
+    if number <= 0:
+        raise ValueError(f"expected a positive number, got {value!r}")
+    return number
+
+
+def parse_positive_int(value: object) -> int:
+    if isinstance(value, bool) or not str(value).strip().isdigit() or int(str(value)) <= 0:
+        raise ValueError(f"expected a positive integer, got {value!r}")
+    return int(str(value))
+
+
+def parse_optional_file(value: object) -> Path | None:
+    if value is None or value == "":
+        return None
+    path = Path(str(value)).expanduser()
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    return path
+
+
+def parse_upstream_url(value: object) -> URL:
+    url = URL(str(value).strip())
+    if url.scheme not in {"http", "https"} or not url.host:
+        raise ValueError(f"expected an http:// or https:// URL, got {str(value)!r}")
+    if url.path not in {"", "/"} or url.query_string or url.fragment or url.user:
+        raise ValueError(f"expected an origin like https://registry:5000 with no path or credentials, got {str(value)!r}")
+    return url.origin()
+
+
+def parse_string_list(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(item.strip() for item in value.split(",") if item.strip())
+    if isinstance(value, list | tuple) and all(isinstance(item, str) for item in value):
+        return tuple(value)
+    raise ValueError("expected a list of strings")
+
+
+def parse_digest_files(value: object) -> tuple[Path, ...]:
+    return tuple(Path(item).expanduser() for item in parse_string_list(value))
+
+
+def parse_action(value: object) -> Action:
+    try:
+        return Action(str(value).strip().lower())
+    except ValueError:
+        raise ValueError(f"expected one of {', '.join(a.value for a in Action)}, got {value!r}") from None
+
+
+def parse_rules(value: object) -> tuple[Rule, ...]:
+    if isinstance(value, str):
+        value = yaml.safe_load(value)
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise TypeError("expected a list of {repository: GLOB, action: ACTION}")
+    rules = []
+    for index, item in enumerate(value):
+        if not isinstance(item, dict) or set(item) != {"repository", "action"} or not isinstance(item["repository"], str):
+            raise ValueError(f"rule {index + 1}: expected exactly the keys repository (a glob) and action")
+        try:
+            rules.append(Rule(item["repository"], parse_action(item["action"])))
+        except ValueError as exc:
+            raise ValueError(f"rule {index + 1}: {exc}") from None
+    return tuple(rules)
+
+
+def parse_log_format(value: object) -> str:
+    if value not in {"json", "text"}:
+        raise ValueError(f"expected json or text, got {value!r}")
+    return str(value)
+
+
+def parse_log_level(value: object) -> str:
+    level = str(value).upper()
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ValueError(f"expected debug, info, warning or error, got {value!r}")
+    return level
+
+
+def parse_store_url(value: object) -> str:
+    text = str(value).strip()
+    if not text.partition("://")[1]:
+        raise ValueError(f"expected a store URL like sqlite:///path/db, memory:// or redis://host, got {text!r}")
+    return text
+
+
+def default_store_url() -> str:
+    state_home = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    return f"sqlite:///{state_home / 'foreign-layer-proxy' / 'foreign-layers.db'}"
+
+
+def parsed_by(parse: Callable[[object], Any]) -> dict[str, Callable[[object], Any]]:
+    return {"parse": parse}
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    listen: Address = field(default=Address("0.0.0.0", 5000), metadata=parsed_by(parse_address))
+    tls_cert: Path | None = field(default=None, metadata=parsed_by(parse_optional_file))
+    tls_key: Path | None = field(default=None, metadata=parsed_by(parse_optional_file))
+    shutdown_timeout: float = field(default=30.0, metadata=parsed_by(parse_positive_float))
+    idle_timeout: float = field(default=75.0, metadata=parsed_by(parse_positive_float))
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    url: URL | None = field(default=None, metadata=parsed_by(parse_upstream_url))
+    ca_file: Path | None = field(default=None, metadata=parsed_by(parse_optional_file))
+    insecure: bool = field(default=False, metadata=parsed_by(parse_bool))
+    pass_host: bool = field(default=True, metadata=parsed_by(parse_bool))
+    connect_timeout: float = field(default=10.0, metadata=parsed_by(parse_positive_float))
+    read_timeout: float = field(default=300.0, metadata=parsed_by(parse_positive_float))
+    max_connections: int = field(default=256, metadata=parsed_by(parse_positive_int))
+
+
+@dataclass(frozen=True, slots=True)
+class AdminSettings:
+    listen: Address = field(default=Address("127.0.0.1", 9090), metadata=parsed_by(parse_address))
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardedSettings:
+    x_forwarded: bool = field(default=True, metadata=parsed_by(parse_bool))
+    forwarded: bool = field(default=True, metadata=parsed_by(parse_bool))
+
+
+@dataclass(frozen=True, slots=True)
+class ForeignSettings:
+    media_types: tuple[str, ...] = field(default=(), metadata=parsed_by(parse_string_list))
+    urls_mark_foreign: bool = field(default=False, metadata=parsed_by(parse_bool))
+    digest_files: tuple[Path, ...] = field(default=(), metadata=parsed_by(parse_digest_files))
+
+    @property
+    def all_media_types(self) -> frozenset[str]:
+        return FOREIGN_MEDIA_TYPES | frozenset(self.media_types)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySettings:
+    default: Action = field(default=Action.DROP, metadata=parsed_by(parse_action))
+    rules: tuple[Rule, ...] = field(default=(), metadata=parsed_by(parse_rules))
+    pretend_present: bool = field(default=False, metadata=parsed_by(parse_bool))
+    manifest_check: bool = field(default=True, metadata=parsed_by(parse_bool))
+
+    @property
+    def policy(self) -> Policy:
+        return Policy(default=self.default, rules=self.rules)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSettings:
+    url: str = field(default_factory=default_store_url, metadata=parsed_by(parse_store_url))
+    sync_interval: float = field(default=0.5, metadata=parsed_by(parse_positive_float))
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    level: str = field(default="INFO", metadata=parsed_by(parse_log_level))
+    format: str = field(default="json", metadata=parsed_by(parse_log_format))
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
+    forwarded: ForwardedSettings = field(default_factory=ForwardedSettings)
+    foreign: ForeignSettings = field(default_factory=ForeignSettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+
+
+SECTIONS: Mapping[str, type[Any]] = {f.name: f.default_factory for f in fields(Settings)}  # type: ignore[misc]
+
+RawSettings = dict[str, dict[str, object]]
+
+
+def _section_keys(section: str) -> set[str]:
+    return {f.name for f in fields(SECTIONS[section])}
+
+
+def _read_file(path: Path) -> RawSettings:
+    try:
+        document = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} invalid YAML") from None
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections")
+    raw: RawSettings = {}
+    for section, values in document.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{path}: unknown section {section!r} (known: {', '.join(SECTIONS)})")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: section {section!r} must be a mapping")
+        for key in values:
+            if key not in _section_keys(section):
+                raise ConfigError(f"{path}: unknown key {section}.{key}")
+        raw[section] = dict(values)
+    return raw
+
+
+def _read_environment(environ: Mapping[str, str]) -> RawSettings:
+    raw: RawSettings = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX):].lower()
+        section = next((s for s in SECTIONS if rest.startswith(s + "_")), None)
+        key = rest[len(section) + 1:] if section else ""
+        if section is None or key not in _section_keys(section):
+            raise ConfigError(f"environment variable {name}: no such setting")
+        raw.setdefault(section, {})[key] = value
+    return raw
+
+
+def _build_section(section: str, values: Mapping[str, object]) -> Any:
+    cls = SECTIONS[section]
+    parsed: dict[str, Any] = {}
+    for setting in fields(cls):
+        if setting.name in values:
+            try:
+                parsed[setting.name] = setting.metadata["parse"](values[setting.name])
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"{section}.{setting.name}: {exc}") from None
+    return cls(**parsed)
+
+
+def load_settings(
+    config_file: Path | None = None,
+    overrides: Mapping[str, object] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Merge every source; `overrides` are command-line values keyed "section.key" (None means not given)."""
+    layers = [
+        _read_file(config_file) if config_file else {},
+        _read_environment(os.environ if environ is None else environ),
+    ]
+    merged: RawSettings = {}
+    for layer in layers:
+        for section, values in layer.items():
+            merged.setdefault(section, {}).update(values)
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            section, key = dotted.split(".")
+            merged.setdefault(section, {})[key] = value
+    settings = Settings(**{section: _build_section(section, merged.get(section, {})) for section in SECTIONS})
+    if (settings.server.tls_cert is None) != (settings.server.tls_key is None):
+        raise ConfigError("server.tls_cert and server.tls_key must be given together")
+    return settings
+
+
+def require_upstream(settings: Settings) -> URL:
+    if settings.upstream.url is None:
+        raise ConfigError("upstream.url is required (--upstream URL, or upstream.url in the config file)")
+    return settings.upstream.url

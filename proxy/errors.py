@@ -1,0 +1,49 @@
+"""Every error the gateway itself answers with: OCI error codes, statuses and bodies, in one place."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorKind:
+    code: str
+    status: int
+    message: str
+
+
+UPSTREAM_UNREACHABLE = ErrorKind("UNAVAILABLE", 502, "upstream registry is unreachable")
+UPSTREAM_TIMEOUT = ErrorKind("UNAVAILABLE", 504, "upstream registry did not answer in time")
+UPSTREAM_BROKEN = ErrorKind("UNAVAILABLE", 502, "upstream registry sent an invalid response")
+FOREIGN_LAYER_DENIED = ErrorKind("DENIED", 403, "foreign layer may not be pushed")
+FOREIGN_LAYER_MISUSED = ErrorKind("MANIFEST_INVALID", 400, "manifest misuses a foreign layer")
+MANIFEST_TOO_LARGE = ErrorKind("SIZE_INVALID", 413, "manifest larger than 4 MiB")
+NOT_A_FORWARD_PROXY = ErrorKind(
+    "UNSUPPORTED", 400, "absolute-form and CONNECT requests are not accepted: this is not a forward proxy"
+)
+METHOD_NOT_ALLOWED = ErrorKind("UNSUPPORTED", 405, "method not supported by the gateway")
+BAD_REQUEST = ErrorKind("UNSUPPORTED", 400, "malformed request")
+
+
+class GatewayError(Exception):
+    def __init__(self, kind: ErrorKind, message: str | None = None, detail: Mapping[str, Any] | None = None):
+        super().__init__(message or kind.message)
+        self.kind = kind
+        self.detail: Mapping[str, Any] = detail or {}
+
+
+def error_body(code: str, message: str, detail: Mapping[str, Any] | None = None) -> bytes:
+    return json.dumps({"errors": [{"code": code, "message": message, "detail": dict(detail or {})}]}).encode()
+
+
+def error_response(error: GatewayError) -> web.Response:
+    return web.Response(
+        status=error.kind.status,
+        body=error_body(error.kind.code, str(error), error.detail),
+        content_type="application/json",
+    )

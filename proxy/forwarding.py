@@ -1,0 +1,128 @@
+"""The only upstream I/O: one pooled client session, and aiohttp's errors translated at this boundary."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from proxy.config import UpstreamSettings
+from proxy.errors import (
+    UPSTREAM_BROKEN,
+    UPSTREAM_TIMEOUT,
+    UPSTREAM_UNREACHABLE,
+    GatewayError,
+)
+
+STREAM_BUFFER_BYTES = 256 * 1024
+# Headers aiohttp would otherwise add on its own; the upstream sees only what the client sent.
+SKIPPED_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+
+Body = aiohttp.StreamReader | bytes | None
+
+
+class StreamAborted(Exception):
+    """A body stopped half-way after the response had started: only closing the connection is left."""
+
+    def __init__(self, cause: str):
+        super().__init__(cause)
+        self.cause = cause
+
+
+def upstream_ssl_context(settings: UpstreamSettings) -> ssl.SSLContext | bool:
+    if settings.insecure:
+        return False
+    context = ssl.create_default_context(cafile=str(settings.ca_file) if settings.ca_file else None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def create_session(settings: UpstreamSettings) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(
+        limit=settings.max_connections,
+        ssl=upstream_ssl_context(settings),
+        enable_cleanup_closed=True,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=SKIPPED_AUTO_HEADERS,
+        timeout=aiohttp.ClientTimeout(
+            total=None, connect=settings.connect_timeout, sock_read=settings.read_timeout
+        ),
+        read_bufsize=STREAM_BUFFER_BYTES,
+        trust_env=False,
+    )
+
+
+def translate(error: BaseException) -> GatewayError:
+    if isinstance(error, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+        return GatewayError(UPSTREAM_TIMEOUT, f"upstream registry did not answer in time ({error.__class__.__name__})")
+    if isinstance(error, aiohttp.ClientConnectorError | aiohttp.ClientConnectorSSLError):
+        return GatewayError(UPSTREAM_UNREACHABLE, f"upstream registry is unreachable: {error.os_error.strerror or error}")
+    return GatewayError(UPSTREAM_BROKEN, f"upstream registry connection failed: {error.__class__.__name__}")
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    origin: URL
+    session: aiohttp.ClientSession
+
+    @property
+    def authority(self) -> str:
+        return self.origin.raw_authority
+
+    def url(self, raw_path_and_query: str) -> URL:
+        """The upstream URL for a request target, byte-for-byte: yarl must not re-encode `_state` tokens."""
+        return URL(str(self.origin) + raw_path_and_query, encoded=True)
+
+    @asynccontextmanager
+    async def open(
+        self, method: str, raw_path_and_query: str, headers: Mapping[str, str] | CIMultiDict[str], body: Body = None
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """An upstream response whose body is still to be read; redirects are never followed."""
+        try:
+            async with self.session.request(
+                method, self.url(raw_path_and_query), headers=headers, data=body, allow_redirects=False
+            ) as response:
+                yield response
+        except (TimeoutError, aiohttp.ClientError) as error:
+            raise translate(error) from error
+
+
+async def read_capped(content: aiohttp.StreamReader, cap: int) -> bytes | None:
+    """The whole body, or None (with the body partly consumed) when it is longer than `cap`."""
+    parts: list[bytes] = []
+    total = 0
+    while chunk := await content.readany():
+        total += len(chunk)
+        if total > cap:
+            return None
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def relay_body(source: aiohttp.ClientResponse, sink: web.StreamResponse) -> int:
+    """Copy an upstream body to the client; returns the bytes copied."""
+    copied = 0
+    content = source.content
+    while True:
+        try:
+            chunk = await content.readany()
+        except (TimeoutError, aiohttp.ClientError) as error:
+            raise StreamAborted(f"upstream failed mid-body: {translate(error)}") from error
+        if not chunk:
+            return copied
+        try:
+            await sink.write(chunk)
+        except ConnectionError as error:
+            raise StreamAborted("client closed the connection") from error
+        copied += len(chunk)

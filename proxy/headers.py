@@ -1,0 +1,126 @@
+"""The only place headers are rewritten: hop-by-hop removal, forwarding headers, Location/Link rewriting."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.config import ForwardedSettings
+
+# RFC 9110 §7.6.1 and the legacy names proxies still drop. Expect is answered by the gateway itself.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "expect",
+    }
+)
+REWRITTEN_URL_HEADERS = ("Location", "Content-Location")
+_LINK_TARGET = re.compile(r"<([^>]*)>")
+
+
+@dataclass(frozen=True, slots=True)
+class Origins:
+    """The upstream's origin and the gateway's origin as the client addressed it, e.g. "http://host:5000"."""
+
+    upstream: str
+    client: str
+
+    def rewrite(self, url: str) -> str:
+        """`url` with the upstream's origin replaced by the client's; any other URL unchanged."""
+        scheme, sep, rest = url.partition("://")
+        if not sep:
+            return url
+        authority_end = len(rest)
+        for delimiter in "/?#":
+            position = rest.find(delimiter)
+            if position != -1:
+                authority_end = min(authority_end, position)
+        if f"{scheme.lower()}://{rest[:authority_end].lower()}" != self.upstream:
+            return url
+        return self.client + rest[authority_end:]
+
+    def rewrite_link(self, value: str) -> str:
+        return _LINK_TARGET.sub(lambda match: f"<{self.rewrite(match.group(1))}>", value)
+
+
+def origin(scheme: str, authority: str) -> str:
+    scheme = scheme.lower()
+    authority = authority.lower()
+    default_port = {"http": ":80", "https": ":443"}.get(scheme)
+    if default_port and authority.endswith(default_port):
+        authority = authority[: -len(default_port)]
+    return f"{scheme}://{authority}"
+
+
+def _first(headers: CIMultiDictProxy[str], name: str) -> str | None:
+    value = headers.get(name)
+    return value.split(",")[0].strip() if value else None
+
+
+def client_scheme_and_host(headers: CIMultiDictProxy[str], own_scheme: str, fallback_host: str) -> tuple[str, str]:
+    """How the client addressed the gateway: a load balancer's X-Forwarded-* first, else our own view."""
+    scheme = _first(headers, "X-Forwarded-Proto") or own_scheme
+    host = _first(headers, "X-Forwarded-Host") or headers.get("Host") or fallback_host
+    return scheme, host
+
+
+def _connection_named(headers: CIMultiDictProxy[str]) -> set[str]:
+    return {token.strip().lower() for value in headers.getall("Connection", ()) for token in value.split(",")}
+
+
+def _end_to_end(headers: CIMultiDictProxy[str]) -> Iterable[tuple[str, str]]:
+    dropped = HOP_BY_HOP | _connection_named(headers)
+    return ((name, value) for name, value in headers.items() if name.lower() not in dropped)
+
+
+def upstream_request_headers(
+    incoming: CIMultiDictProxy[str],
+    *,
+    settings: ForwardedSettings,
+    client_address: str | None,
+    own_scheme: str,
+    upstream_authority: str | None,
+    request_id: str,
+) -> CIMultiDict[str]:
+    """Headers for the upstream request. `upstream_authority` replaces Host when the client's is not passed on."""
+    headers = CIMultiDict(_end_to_end(incoming))
+    client_host = incoming.get("Host", "")
+    if upstream_authority is not None:
+        headers["Host"] = upstream_authority
+    if settings.x_forwarded:
+        if client_address:
+            prior = incoming.get("X-Forwarded-For")
+            headers["X-Forwarded-For"] = f"{prior}, {client_address}" if prior else client_address
+        headers.setdefault("X-Forwarded-Proto", own_scheme)
+        if client_host:
+            headers.setdefault("X-Forwarded-Host", client_host)
+    if settings.forwarded:
+        element = f'for="{client_address or "unknown"}";proto={own_scheme}'
+        if client_host:
+            element += f';host="{client_host}"'
+        prior = incoming.get("Forwarded")
+        headers["Forwarded"] = f"{prior}, {element}" if prior else element
+    headers["X-Request-Id"] = request_id
+    return headers
+
+
+def downstream_response_headers(upstream: CIMultiDictProxy[str], origins: Origins) -> CIMultiDict[str]:
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in _end_to_end(upstream):
+        if name.lower() == "link":
+            value = origins.rewrite_link(value)
+        elif name.title() in REWRITTEN_URL_HEADERS:
+            value = origins.rewrite(value)
+        headers.add(name, value)
+    return headers

@@ -1,0 +1,63 @@
+"""Structured logs: one line per request and per decision, JSON or text, with secrets kept out."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from multidict import MultiDictProxy
+
+EVENT_FIELD = "event_fields"
+SECRET_QUERY_KEYS = frozenset({"_state", "token", "access_token", "password", "signature", "sig"})
+REDACTED = "REDACTED"
+
+
+def log_event(logger: logging.Logger, level: int, event: str, **fields: Any) -> None:
+    if logger.isEnabledFor(level):
+        logger.log(level, event, extra={EVENT_FIELD: fields})
+
+
+def redacted_query(query: MultiDictProxy[str]) -> str:
+    """A query string for logs: values of secret-bearing keys (upload `_state`, tokens, signed URLs) replaced."""
+    return "&".join(
+        f"{key}={REDACTED if key.lower() in SECRET_QUERY_KEYS or key.lower().startswith('x-amz-') else value}"
+        for key, value in query.items()
+    )
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        fields: Mapping[str, Any] = getattr(record, EVENT_FIELD, {})
+        line.update(fields)
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        fields: Mapping[str, Any] = getattr(record, EVENT_FIELD, {})
+        rendered = " ".join(f"{key}={value}" for key, value in fields.items() if value is not None)
+        text = f"{self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} {record.getMessage()} {rendered}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # aiohttp's own access log would repeat our request line without the redaction.
+    logging.getLogger("aiohttp.access").disabled = True

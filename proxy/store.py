@@ -1,0 +1,467 @@
+"""The set of known foreign-layer digests, shared by the gateway and the CLI: in memory or in SQLite."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from proxy.manifests import ForeignLayer
+
+Result = TypeVar("Result")
+Clock = Callable[[], float]
+
+SUPPORTED_URLS = "memory:// or sqlite:///path/to/foreign-layers.db"
+
+
+@dataclass(frozen=True, slots=True)
+class Sighting:
+    """Where a layer was seen: `source` is e.g. "manifest-put", "manifest-get", "digest-file" or "learn"."""
+
+    source: str
+    repository: str | None = None
+    manifest_digest: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ForeignRecord:
+    """A known layer's history. `outcomes` counts count() calls per outcome; `bytes_kept_out` sums their nbytes."""
+
+    layer: ForeignLayer
+    first_sighting: Sighting
+    last_sighting: Sighting
+    first_seen: float
+    last_seen: float
+    outcomes: Mapping[str, int]
+    bytes_kept_out: int
+
+
+class StoreError(Exception):
+    """The store's backend failed; the message names the backend (for SQLite, the file)."""
+
+
+class ForeignStore(Protocol):
+    async def learn(self, layers: Sequence[ForeignLayer], sighting: Sighting) -> list[ForeignLayer]:
+        """Insert or refresh; returns the layers that were not known before.
+
+        A refresh moves last_seen/last_sighting, keeps the first_* fields and fills a missing diff_id or urls.
+        """
+
+    async def known(self) -> dict[str, ForeignLayer]:
+        """Every known layer, by digest."""
+
+    async def records(self) -> list[ForeignRecord]:
+        """Every known layer with its history, sorted by digest."""
+
+    async def forget(self, digests: Iterable[str]) -> list[str]:
+        """Remove the digests; returns those that were known."""
+
+    async def count(self, digest: str, outcome: str, nbytes: int = 0) -> None:
+        """Record one outcome for a known digest; an unknown digest is ignored."""
+
+    async def generation(self) -> int:
+        """Cheap; differs after any change committed by any process sharing the store."""
+
+    async def close(self) -> None: ...
+
+
+def open_store(url: str) -> ForeignStore:
+    """The store a URL names; ValueError for an unsupported or malformed URL. Nothing is opened until first use."""
+    scheme, separator, location = url.partition("://")
+    if not separator:
+        raise ValueError(f"malformed store URL {url!r}: expected {SUPPORTED_URLS}")
+    match scheme.lower():
+        case "memory":
+            if location:
+                raise ValueError(f"malformed store URL {url!r}: memory:// takes no path")
+            return MemoryStore()
+        case "sqlite":
+            return SqliteStore(_sqlite_path(url, location))
+        case _:
+            raise ValueError(f"unsupported store URL {url!r}: expected {SUPPORTED_URLS}")
+
+
+def _sqlite_path(url: str, location: str) -> Path:
+    if "?" in location or "#" in location:
+        raise ValueError(f"malformed store URL {url!r}: query strings and fragments are not supported")
+    if not location or "\0" in location or location.endswith("/") or Path(location).name in {"", ".."}:
+        raise ValueError(
+            f"malformed store URL {url!r}: expected sqlite:///absolute/path.db or sqlite://relative/path.db"
+        )
+    return Path(location).absolute()
+
+
+def _with_gaps_filled(known: ForeignLayer, later: ForeignLayer) -> ForeignLayer:
+    return replace(
+        known,
+        urls=known.urls or later.urls,
+        diff_id=later.diff_id if known.diff_id is None else known.diff_id,
+    )
+
+
+class MemoryStore:
+    """One process's store, for tests and single-process use."""
+
+    def __init__(self, *, clock: Clock = time.time) -> None:
+        self._clock = clock
+        self._records: dict[str, ForeignRecord] = {}
+        self._generation = 0
+        self._closed = False
+
+    async def learn(self, layers: Sequence[ForeignLayer], sighting: Sighting) -> list[ForeignLayer]:
+        self._check_open()
+        now = self._clock()
+        new_layers = []
+        for layer in layers:
+            record = self._records.get(layer.digest)
+            if record is None:
+                self._records[layer.digest] = ForeignRecord(layer, sighting, sighting, now, now, {}, 0)
+                new_layers.append(layer)
+            else:
+                self._records[layer.digest] = replace(
+                    record,
+                    layer=_with_gaps_filled(record.layer, layer),
+                    last_sighting=sighting,
+                    last_seen=now,
+                )
+        if layers:
+            self._generation += 1
+        return new_layers
+
+    async def known(self) -> dict[str, ForeignLayer]:
+        self._check_open()
+        return {digest: record.layer for digest, record in self._records.items()}
+
+    async def records(self) -> list[ForeignRecord]:
+        self._check_open()
+        # Copies, so a caller cannot reach into the store through `outcomes`.
+        return [replace(record, outcomes=dict(record.outcomes)) for _, record in sorted(self._records.items())]
+
+    async def forget(self, digests: Iterable[str]) -> list[str]:
+        self._check_open()
+        removed = [digest for digest in dict.fromkeys(digests) if self._records.pop(digest, None)]
+        if removed:
+            self._generation += 1
+        return removed
+
+    async def count(self, digest: str, outcome: str, nbytes: int = 0) -> None:
+        self._check_open()
+        record = self._records.get(digest)
+        if record is None:
+            return
+        self._records[digest] = replace(
+            record,
+            outcomes={**record.outcomes, outcome: record.outcomes.get(outcome, 0) + 1},
+            bytes_kept_out=record.bytes_kept_out + nbytes,
+        )
+        self._generation += 1
+
+    async def generation(self) -> int:
+        self._check_open()
+        return self._generation
+
+    async def close(self) -> None:
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError("memory store is closed")
+
+
+SCHEMA_VERSION = 1
+
+SCHEMA = (
+    """
+    CREATE TABLE IF NOT EXISTS meta (
+        key TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    ) WITHOUT ROWID
+    """,
+    "INSERT OR IGNORE INTO meta (key, value) VALUES ('generation', 0)",
+    """
+    CREATE TABLE IF NOT EXISTS foreign_layers (
+        digest TEXT PRIMARY KEY,
+        media_type TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        urls TEXT NOT NULL,
+        diff_id TEXT,
+        first_source TEXT NOT NULL,
+        first_repository TEXT,
+        first_manifest_digest TEXT,
+        first_seen REAL NOT NULL,
+        last_source TEXT NOT NULL,
+        last_repository TEXT,
+        last_manifest_digest TEXT,
+        last_seen REAL NOT NULL,
+        bytes_kept_out INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS outcomes (
+        digest TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        PRIMARY KEY (digest, outcome)
+    ) WITHOUT ROWID
+    """,
+    f"PRAGMA user_version = {SCHEMA_VERSION}",
+)
+
+NO_URLS = json.dumps([])
+
+REFRESH_LAYER = f"""
+    UPDATE foreign_layers SET
+        urls = CASE WHEN urls = '{NO_URLS}' THEN :urls ELSE urls END,
+        diff_id = coalesce(diff_id, :diff_id),
+        last_source = :source,
+        last_repository = :repository,
+        last_manifest_digest = :manifest_digest,
+        last_seen = :now
+    WHERE digest = :digest
+"""
+
+INSERT_LAYER = """
+    INSERT INTO foreign_layers (
+        digest, media_type, size, urls, diff_id,
+        first_source, first_repository, first_manifest_digest, first_seen,
+        last_source, last_repository, last_manifest_digest, last_seen
+    ) VALUES (
+        :digest, :media_type, :size, :urls, :diff_id,
+        :source, :repository, :manifest_digest, :now,
+        :source, :repository, :manifest_digest, :now
+    )
+"""
+
+LAYER_COLUMNS = "digest, media_type, size, urls, diff_id"
+
+SELECT_RECORDS = f"""
+    SELECT {LAYER_COLUMNS},
+        first_source, first_repository, first_manifest_digest, first_seen,
+        last_source, last_repository, last_manifest_digest, last_seen,
+        bytes_kept_out, outcome, count
+    FROM foreign_layers LEFT JOIN outcomes USING (digest)
+    ORDER BY digest
+"""
+
+
+class SqliteStore:
+    """A store in one SQLite file, shared safely by several processes on one host.
+
+    All SQLite work runs in worker threads on one connection, serialised by a lock.
+    The file and schema are created on first use, so construction never touches the disk.
+    """
+
+    def __init__(self, path: Path, *, clock: Clock = time.time, busy_timeout: float = 10.0) -> None:
+        self._path = path
+        self._clock = clock
+        self._busy_timeout = busy_timeout
+        self._lock = threading.Lock()
+        self._connection: sqlite3.Connection | None = None
+        self._closed = False
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    async def learn(self, layers: Sequence[ForeignLayer], sighting: Sighting) -> list[ForeignLayer]:
+        layers = tuple(layers)
+        now = self._clock()
+
+        def learn_layers(connection: sqlite3.Connection) -> list[ForeignLayer]:
+            new_layers = []
+            for layer in layers:
+                values = {
+                    "digest": layer.digest,
+                    "media_type": layer.media_type,
+                    "size": layer.size,
+                    "urls": json.dumps(list(layer.urls)),
+                    "diff_id": layer.diff_id,
+                    "source": sighting.source,
+                    "repository": sighting.repository,
+                    "manifest_digest": sighting.manifest_digest,
+                    "now": now,
+                }
+                if not connection.execute(REFRESH_LAYER, values).rowcount:
+                    connection.execute(INSERT_LAYER, values)
+                    new_layers.append(layer)
+            return new_layers
+
+        return await self._write(learn_layers)
+
+    async def known(self) -> dict[str, ForeignLayer]:
+        def select_layers(connection: sqlite3.Connection) -> dict[str, ForeignLayer]:
+            rows = connection.execute(f"SELECT {LAYER_COLUMNS} FROM foreign_layers")
+            return {row[0]: _layer(row) for row in rows}
+
+        return await self._run(select_layers)
+
+    async def records(self) -> list[ForeignRecord]:
+        def select_records(connection: sqlite3.Connection) -> list[ForeignRecord]:
+            rows = connection.execute(SELECT_RECORDS)
+            return [_record(list(group)) for _, group in itertools.groupby(rows, key=lambda row: row[0])]
+
+        return await self._run(select_records)
+
+    async def forget(self, digests: Iterable[str]) -> list[str]:
+        unique_digests = tuple(dict.fromkeys(digests))
+
+        def delete_layers(connection: sqlite3.Connection) -> list[str]:
+            removed = []
+            for digest in unique_digests:
+                if connection.execute("DELETE FROM foreign_layers WHERE digest = ?", (digest,)).rowcount:
+                    connection.execute("DELETE FROM outcomes WHERE digest = ?", (digest,))
+                    removed.append(digest)
+            return removed
+
+        return await self._write(delete_layers)
+
+    async def count(self, digest: str, outcome: str, nbytes: int = 0) -> None:
+        def count_outcome(connection: sqlite3.Connection) -> None:
+            known = connection.execute(
+                "UPDATE foreign_layers SET bytes_kept_out = bytes_kept_out + ? WHERE digest = ?",
+                (nbytes, digest),
+            ).rowcount
+            if known:
+                connection.execute(
+                    """
+                    INSERT INTO outcomes (digest, outcome, count) VALUES (?, ?, 1)
+                    ON CONFLICT (digest, outcome) DO UPDATE SET count = count + 1
+                    """,
+                    (digest, outcome),
+                )
+
+        await self._write(count_outcome)
+
+    async def generation(self) -> int:
+        def select_generation(connection: sqlite3.Connection) -> int:
+            row = connection.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+            return int(row[0])
+
+        return await self._run(select_generation)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._close)
+
+    async def _run(self, operation: Callable[[sqlite3.Connection], Result]) -> Result:
+        return await asyncio.to_thread(self._call, operation)
+
+    async def _write(self, change: Callable[[sqlite3.Connection], Result]) -> Result:
+        def change_and_bump_generation(connection: sqlite3.Connection) -> Result:
+            changes_before = connection.total_changes
+            result = change(connection)
+            if connection.total_changes != changes_before:
+                connection.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+            return result
+
+        return await self._run(lambda connection: _in_transaction(connection, change_and_bump_generation))
+
+    def _call(self, operation: Callable[[sqlite3.Connection], Result]) -> Result:
+        with self._lock, self._backend_errors():
+            return operation(self._open_connection())
+
+    def _close(self) -> None:
+        with self._lock, self._backend_errors():
+            self._closed = True
+            connection, self._connection = self._connection, None
+            if connection is not None:
+                connection.close()
+
+    def _open_connection(self) -> sqlite3.Connection:
+        if self._closed:
+            raise StoreError(f"foreign-layer store {self._path} is closed")
+        if self._connection is None:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            connection = sqlite3.connect(
+                self._path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
+            )
+            try:
+                self._use_wal(connection)
+                self._ensure_schema(connection)
+            except BaseException:
+                connection.close()
+                raise
+            self._connection = connection
+        return self._connection
+
+    def _use_wal(self, connection: sqlite3.Connection) -> None:
+        # Switching a new file to WAL fails at once with SQLITE_BUSY while another process is
+        # switching or creating the schema: the busy timeout does not apply to it, so retry here.
+        deadline = time.monotonic() + self._busy_timeout
+        while True:
+            try:
+                connection.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as error:
+                if error.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+
+    def _ensure_schema(self, connection: sqlite3.Connection) -> None:
+        if self._schema_version(connection) == SCHEMA_VERSION:
+            return
+
+        def create_schema(connection: sqlite3.Connection) -> None:
+            # Checked again under the write lock: another process may have created it meanwhile.
+            if self._schema_version(connection) == SCHEMA_VERSION:
+                return
+            for statement in SCHEMA:
+                connection.execute(statement)
+
+        _in_transaction(connection, create_schema)
+
+    def _schema_version(self, connection: sqlite3.Connection) -> int:
+        version = int(connection.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"foreign-layer store {self._path} has schema version {version}; "
+                f"this version of the proxy knows only up to {SCHEMA_VERSION}"
+            )
+        return version
+
+    @contextmanager
+    def _backend_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"foreign-layer store {self._path}: {exc}") from exc
+
+
+def _in_transaction(connection: sqlite3.Connection, work: Callable[[sqlite3.Connection], Result]) -> Result:
+    # IMMEDIATE takes the write lock up front, so a busy database waits (busy_timeout) instead of
+    # failing at the first write after a read.
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        result = work(connection)
+        connection.execute("COMMIT")
+    except BaseException:
+        if connection.in_transaction:
+            connection.rollback()
+        raise
+    return result
+
+
+def _layer(row: Sequence[Any]) -> ForeignLayer:
+    digest, media_type, size, urls, diff_id = row[:5]
+    return ForeignLayer(digest, media_type, size, tuple(json.loads(urls)), diff_id)
+
+
+def _record(rows: Sequence[Sequence[Any]]) -> ForeignRecord:
+    """One layer's rows of SELECT_RECORDS: the same layer columns, one row per outcome (or one with none)."""
+    first = rows[0]
+    return ForeignRecord(
+        layer=_layer(first),
+        first_sighting=Sighting(*first[5:8]),
+        last_sighting=Sighting(*first[9:12]),
+        first_seen=first[8],
+        last_seen=first[12],
+        outcomes={row[14]: row[15] for row in rows if row[14] is not None},
+        bytes_kept_out=first[13],
+    )

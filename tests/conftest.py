@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support.clients import Containerd, Podman
+from support.fixtures import gateway, gateway_factory, http  # noqa: F401  (fixtures shared by the suite)
+from support.images import Image, build_image
+from support.processes import require_binaries
+from support.registry import Registry, RegistryConfig, RegistryFactory
+
+
+@pytest.fixture
+def registry_factory(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[RegistryFactory]:
+    require_binaries("docker-registry")
+    started: list[Registry] = []
+
+    def start(config: RegistryConfig) -> Registry:
+        registry = Registry(tmp_path_factory.mktemp("registry"), config)
+        started.append(registry)
+        registry.start()
+        return registry
+
+    yield start
+    for registry in reversed(started):
+        registry.stop()
+
+
+@pytest.fixture
+def registry(registry_factory: RegistryFactory) -> Registry:
+    return registry_factory(RegistryConfig(allow_foreign_urls=True))
+
+
+@pytest.fixture
+def skopeo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    require_binaries("skopeo", "unshare")
+    return tmp_path_factory.mktemp("skopeo-cache")
+
+
+@pytest.fixture
+def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]:
+    require_binaries("containerd", "ctr")
+    # Not tmp_path: a long test name would overflow the unix socket path.
+    with Containerd(tmp_path_factory.mktemp("containerd")) as daemon:
+        yield daemon
+
+
+@pytest.fixture
+def podman(tmp_path_factory: pytest.TempPathFactory) -> Podman:
+    require_binaries("podman", "unshare")
+    return Podman(tmp_path_factory.mktemp("podman"))
+
+
+@pytest.fixture(scope="session")
+def plain_image() -> Image:
+    return build_image(1)
+
+
+@pytest.fixture(scope="session")
+def foreign_image() -> Image:
+    """Windows-like: two docker foreign base layers with `urls`, then a normal one."""
+    return build_image(2, foreign=2, os="windows")
+
+
+@pytest.fixture(scope="session")
+def oci_foreign_image() -> Image:
+    return build_image(3, foreign=2, flavour="oci", os="windows")
+

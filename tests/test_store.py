@@ -1,0 +1,567 @@
+"""The foreign-layer store: both backends against one contract, and SQLite across processes and failures."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from proxy.manifests import ForeignLayer
+from proxy.store import (
+    ForeignRecord,
+    ForeignStore,
+    MemoryStore,
+    Sighting,
+    SqliteStore,
+    StoreError,
+    open_store,
+)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+FOREIGN_GZIP = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+NONDISTRIBUTABLE = "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+START = 1_700_000_000.0
+BACKENDS = ("memory", "sqlite")
+RUNNING_AS_ROOT = os.geteuid() == 0
+
+WRITER_PROCESS = """
+import asyncio, sys
+from proxy.manifests import ForeignLayer
+from proxy.store import Sighting, open_store
+
+async def learn_each(url, digests):
+    store = open_store(url)
+    for digest in digests:
+        await store.learn([ForeignLayer(digest, "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip", 1)],
+                          Sighting("learn"))
+    await store.close()
+
+asyncio.run(learn_each(sys.argv[1], sys.argv[2:]))
+"""
+
+
+def digest(number: int) -> str:
+    return f"sha256:{number:064x}"
+
+
+def layer(
+    number: int,
+    media_type: str = FOREIGN_GZIP,
+    size: int = 1000,
+    urls: tuple[str, ...] = (),
+    diff_id: str | None = None,
+) -> ForeignLayer:
+    return ForeignLayer(digest(number), media_type, size, urls, diff_id)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = START
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def new_store(backend: str, path: Path, clock: FakeClock) -> ForeignStore:
+    if backend == "memory":
+        return MemoryStore(clock=clock)
+    return SqliteStore(path, clock=clock)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "foreign-layers.db"
+
+
+@pytest.fixture(params=BACKENDS)
+async def store(request: pytest.FixtureRequest, db_path: Path, clock: FakeClock) -> AsyncIterator[ForeignStore]:
+    store = new_store(request.param, db_path, clock)
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+async def sqlite_store(db_path: Path) -> AsyncIterator[SqliteStore]:
+    store = SqliteStore(db_path)
+    yield store
+    await store.close()
+
+
+async def test_learn_returns_only_layers_new_to_the_store(store: ForeignStore) -> None:
+    sighting = Sighting("manifest-put", "team/app", digest(100))
+
+    assert await store.learn([layer(1), layer(2)], sighting) == [layer(1), layer(2)]
+    assert await store.learn([layer(2), layer(3)], sighting) == [layer(3)]
+    assert await store.learn([layer(1), layer(2), layer(3)], sighting) == []
+    assert await store.learn([layer(4), layer(4)], sighting) == [layer(4)]
+    assert await store.known() == {digest(n): layer(n) for n in (1, 2, 3, 4)}
+
+
+async def test_learn_keeps_the_first_sighting_and_moves_the_last(store: ForeignStore, clock: FakeClock) -> None:
+    pushed = Sighting("manifest-put", "team/app", digest(100))
+    pulled = Sighting("manifest-get", "team/other", digest(101))
+    listed = Sighting("digest-file")
+
+    await store.learn([layer(1)], pushed)
+    clock.now = START + 10
+    await store.learn([layer(1), layer(2)], pulled)
+    clock.now = START + 20
+    await store.learn([layer(1)], listed)
+
+    first, second = await store.records()
+    assert (first.first_sighting, first.last_sighting) == (pushed, listed)
+    assert (first.first_seen, first.last_seen) == (START, START + 20)
+    assert (second.first_sighting, second.last_sighting) == (pulled, pulled)
+    assert (second.first_seen, second.last_seen) == (START + 10, START + 10)
+
+
+@pytest.mark.parametrize(
+    ("first", "later", "expected"),
+    [
+        pytest.param(layer(1), layer(1, diff_id=digest(50)), layer(1, diff_id=digest(50)), id="fills-diff-id"),
+        pytest.param(layer(1), layer(1, urls=("https://a/1",)), layer(1, urls=("https://a/1",)), id="fills-urls"),
+        pytest.param(
+            layer(1, diff_id=digest(50), urls=("https://a/1",)),
+            layer(1, diff_id=digest(51), urls=("https://b/1", "https://b/2")),
+            layer(1, diff_id=digest(50), urls=("https://a/1",)),
+            id="keeps-known-diff-id-and-urls",
+        ),
+        pytest.param(
+            layer(1, diff_id=digest(50), urls=("https://a/1",)),
+            layer(1),
+            layer(1, diff_id=digest(50), urls=("https://a/1",)),
+            id="later-without-them-keeps-them",
+        ),
+        pytest.param(
+            layer(1),
+            layer(1, media_type=NONDISTRIBUTABLE, size=7),
+            layer(1),
+            id="keeps-media-type-and-size",
+        ),
+    ],
+)
+async def test_a_later_sighting_fills_only_what_is_missing(
+    store: ForeignStore, first: ForeignLayer, later: ForeignLayer, expected: ForeignLayer
+) -> None:
+    await store.learn([first], Sighting("learn"))
+    assert await store.learn([later], Sighting("manifest-put")) == []
+    assert await store.known() == {expected.digest: expected}
+    assert [record.layer for record in await store.records()] == [expected]
+
+
+async def test_forget_returns_the_digests_that_were_known(store: ForeignStore) -> None:
+    await store.learn([layer(1), layer(2), layer(3)], Sighting("learn"))
+
+    assert await store.forget([digest(3), digest(9), digest(1), digest(3)]) == [digest(3), digest(1)]
+    assert await store.forget(iter([digest(1)])) == []
+    assert await store.forget([]) == []
+    assert await store.known() == {digest(2): layer(2)}
+
+
+async def test_a_forgotten_layer_learned_again_starts_a_fresh_record(store: ForeignStore, clock: FakeClock) -> None:
+    await store.learn([layer(1)], Sighting("learn"))
+    await store.count(digest(1), "dropped", 1000)
+    await store.forget([digest(1)])
+    clock.now = START + 5
+
+    assert await store.learn([layer(1)], Sighting("manifest-put")) == [layer(1)]
+    assert await store.records() == [
+        ForeignRecord(layer(1), Sighting("manifest-put"), Sighting("manifest-put"), START + 5, START + 5, {}, 0)
+    ]
+
+
+async def test_count_accumulates_per_outcome_and_ignores_unknown_digests(store: ForeignStore) -> None:
+    await store.learn([layer(1), layer(2)], Sighting("learn"))
+
+    await store.count(digest(1), "dropped", 1001)
+    await store.count(digest(1), "dropped", 1001)
+    await store.count(digest(1), "leaked")
+    await store.count(digest(2), "rejected", 5)
+    await store.count(digest(9), "dropped", 1_000_000)
+
+    first, second = await store.records()
+    assert (first.outcomes, first.bytes_kept_out) == ({"dropped": 2, "leaked": 1}, 2002)
+    assert (second.outcomes, second.bytes_kept_out) == ({"rejected": 1}, 5)
+    assert [record.layer.digest for record in await store.records()] == [digest(1), digest(2)]
+
+
+async def test_records_are_sorted_by_digest_and_are_copies(store: ForeignStore) -> None:
+    await store.learn([layer(3), layer(1), layer(2)], Sighting("learn"))
+    await store.count(digest(1), "dropped")
+
+    records = await store.records()
+    assert [record.layer for record in records] == [layer(1), layer(2), layer(3)]
+    records[0].outcomes["dropped"] = 99  # type: ignore[index]
+    assert (await store.records())[0].outcomes == {"dropped": 1}
+
+
+WRITES: dict[str, Callable[[ForeignStore], Awaitable[object]]] = {
+    "learn-new": lambda store: store.learn([layer(3)], Sighting("learn")),
+    "learn-known": lambda store: store.learn([layer(1)], Sighting("manifest-get")),
+    "forget": lambda store: store.forget([digest(2)]),
+    "count": lambda store: store.count(digest(1), "dropped", 10),
+}
+NO_CHANGES: dict[str, Callable[[ForeignStore], Awaitable[object]]] = {
+    "known": lambda store: store.known(),
+    "records": lambda store: store.records(),
+    "generation": lambda store: store.generation(),
+    "learn-nothing": lambda store: store.learn([], Sighting("learn")),
+    "forget-unknown": lambda store: store.forget([digest(9)]),
+    "count-unknown": lambda store: store.count(digest(9), "dropped", 10),
+}
+
+
+@pytest.mark.parametrize("write", WRITES.values(), ids=WRITES.keys())
+async def test_generation_changes_after_each_write(
+    store: ForeignStore, write: Callable[[ForeignStore], Awaitable[object]]
+) -> None:
+    await store.learn([layer(1), layer(2)], Sighting("learn"))
+    before = await store.generation()
+
+    await write(store)
+    after_first = await store.generation()
+    await store.count(digest(1), "dropped")
+
+    assert before != after_first != await store.generation()
+
+
+@pytest.mark.parametrize("operation", NO_CHANGES.values(), ids=NO_CHANGES.keys())
+async def test_generation_stays_put_when_nothing_changed(
+    store: ForeignStore, operation: Callable[[ForeignStore], Awaitable[object]]
+) -> None:
+    await store.learn([layer(1), layer(2)], Sighting("learn"))
+    before = await store.generation()
+
+    await operation(store)
+
+    assert await store.generation() == before
+
+
+async def test_a_closed_store_refuses_calls(store: ForeignStore) -> None:
+    await store.learn([layer(1)], Sighting("learn"))
+    await store.close()
+    await store.close()
+
+    with pytest.raises(StoreError, match="closed"):
+        await store.known()
+
+
+async def test_concurrent_calls_on_one_store_all_land(store: ForeignStore) -> None:
+    new_layers = await asyncio.gather(*(store.learn([layer(n)], Sighting("learn")) for n in range(40)))
+    await asyncio.gather(*(store.count(digest(n % 4), "dropped", 1) for n in range(40)))
+
+    assert sorted(new[0].digest for new in new_layers) == [digest(n) for n in range(40)]
+    assert [record.outcomes for record in (await store.records())[:4]] == [{"dropped": 10}] * 4
+
+
+@dataclass(frozen=True, slots=True)
+class Learn:
+    layers: tuple[ForeignLayer, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Forget:
+    digests: tuple[str, ...]
+
+
+model_digests = st.sampled_from([digest(n) for n in range(6)])
+model_layers = st.builds(
+    ForeignLayer,
+    digest=model_digests,
+    media_type=st.sampled_from([FOREIGN_GZIP, NONDISTRIBUTABLE]),
+    size=st.integers(0, 3),
+    urls=st.sampled_from([(), ("https://a/1",), ("https://b/1", "https://b/2")]),
+    diff_id=st.sampled_from([None, digest(50), digest(51)]),
+)
+operations = st.lists(
+    st.one_of(
+        st.builds(Learn, st.lists(model_layers, max_size=4).map(tuple)),
+        st.builds(Forget, st.lists(model_digests | st.just(digest(99)), max_size=4).map(tuple)),
+    ),
+    max_size=12,
+)
+
+
+def apply_to_model(model: dict[str, ForeignLayer], operation: Learn | Forget) -> list[ForeignLayer] | list[str]:
+    if isinstance(operation, Forget):
+        return [digest for digest in dict.fromkeys(operation.digests) if model.pop(digest, None)]
+    new_layers = []
+    for learned in operation.layers:
+        known = model.get(learned.digest)
+        if known is None:
+            model[learned.digest] = learned
+            new_layers.append(learned)
+        else:
+            model[learned.digest] = replace(
+                known,
+                urls=known.urls or learned.urls,
+                diff_id=learned.diff_id if known.diff_id is None else known.diff_id,
+            )
+    return new_layers
+
+
+async def apply_to_store(store: ForeignStore, operation: Learn | Forget) -> list[ForeignLayer] | list[str]:
+    if isinstance(operation, Forget):
+        return await store.forget(operation.digests)
+    return await store.learn(operation.layers, Sighting("learn"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(operations=operations)
+def test_any_learn_forget_sequence_matches_a_dict_model(backend: str, operations: list[Learn | Forget]) -> None:
+    async def check(path: Path) -> None:
+        store = new_store(backend, path, FakeClock())
+        model: dict[str, ForeignLayer] = {}
+        try:
+            for operation in operations:
+                before = await store.generation()
+                expected = apply_to_model(model, operation)
+                assert await apply_to_store(store, operation) == expected
+                changed = bool(operation.layers if isinstance(operation, Learn) else expected)
+                assert (await store.generation() != before) == changed
+                assert await store.known() == model
+        finally:
+            await store.close()
+
+    with tempfile.TemporaryDirectory() as folder:
+        asyncio.run(check(Path(folder) / "foreign-layers.db"))
+
+
+async def test_opening_touches_nothing_until_first_use(db_path: Path) -> None:
+    store = open_store(f"sqlite://{db_path}")
+    assert not db_path.parent.exists()
+
+    assert await store.known() == {}
+    assert db_path.is_file()
+    await store.close()
+
+
+async def test_everything_survives_close_and_reopen(db_path: Path, clock: FakeClock) -> None:
+    store = SqliteStore(db_path, clock=clock)
+    await store.learn([layer(1, urls=("https://a/1",), diff_id=digest(50)), layer(2)], Sighting("manifest-put", "a/b"))
+    await store.count(digest(1), "dropped", 1001)
+    records, generation = await store.records(), await store.generation()
+    await store.close()
+
+    reopened = SqliteStore(db_path)
+    assert await reopened.records() == records
+    assert await reopened.generation() == generation
+    await reopened.close()
+
+
+async def test_two_stores_on_one_file_see_each_others_writes(db_path: Path) -> None:
+    gateway, cli = SqliteStore(db_path), SqliteStore(db_path)
+    try:
+        seen = await gateway.generation()
+        await cli.learn([layer(1)], Sighting("learn"))
+        assert await gateway.generation() != seen
+        assert await gateway.known() == {digest(1): layer(1)}
+
+        seen = await cli.generation()
+        await gateway.count(digest(1), "dropped", 1001)
+        assert await cli.generation() != seen
+        assert (await cli.records())[0].outcomes == {"dropped": 1}
+
+        seen = await gateway.generation()
+        assert await cli.forget([digest(1)]) == [digest(1)]
+        assert await gateway.generation() != seen
+        assert await gateway.known() == {}
+    finally:
+        await gateway.close()
+        await cli.close()
+
+
+async def learn_in_another_process(db_path: Path, digests: list[str]) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        WRITER_PROCESS,
+        f"sqlite://{db_path}",
+        *digests,
+        cwd=PROJECT_ROOT,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode == 0, stderr.decode()
+
+
+async def test_a_write_from_another_process_changes_the_generation(sqlite_store: SqliteStore) -> None:
+    await sqlite_store.learn([layer(1)], Sighting("learn"))
+    seen = await sqlite_store.generation()
+
+    await learn_in_another_process(sqlite_store.path, [digest(2)])
+
+    assert await sqlite_store.generation() != seen
+    assert set(await sqlite_store.known()) == {digest(1), digest(2)}
+
+
+async def test_processes_writing_at_once_to_a_new_file_lose_nothing(db_path: Path) -> None:
+    batches = [[digest(batch * 100 + n) for n in range(25)] for batch in range(4)]
+
+    failures = await asyncio.gather(
+        *(learn_in_another_process(db_path, batch) for batch in batches), return_exceptions=True
+    )
+    assert [failure for failure in failures if failure is not None] == []
+
+    store = SqliteStore(db_path)
+    assert set(await store.known()) == {digest for batch in batches for digest in batch}
+    assert await store.generation() == 100
+    await store.close()
+
+
+FIRST_CALLS: dict[str, Callable[[ForeignStore], Awaitable[object]]] = {
+    **NO_CHANGES,
+    "learn": lambda store: store.learn([layer(1)], Sighting("learn")),
+    "forget": lambda store: store.forget([digest(1)]),
+    "count": lambda store: store.count(digest(1), "dropped"),
+}
+
+
+@pytest.mark.parametrize("first_call", FIRST_CALLS.values(), ids=FIRST_CALLS.keys())
+async def test_a_corrupt_file_fails_every_first_call_with_a_store_error(
+    db_path: Path, first_call: Callable[[ForeignStore], Awaitable[object]]
+) -> None:
+    garbage = b"not a database, just garbage " * 200
+    db_path.parent.mkdir()
+    db_path.write_bytes(garbage)
+    store = open_store(f"sqlite://{db_path}")
+
+    with pytest.raises(StoreError, match=f"{db_path}: file is not a database"):
+        await first_call(store)
+    with pytest.raises(StoreError, match=str(db_path)):
+        await store.generation()
+    await store.close()
+    assert db_path.read_bytes() == garbage
+
+
+async def test_a_file_from_a_newer_schema_is_refused(db_path: Path) -> None:
+    db_path.parent.mkdir()
+    with sqlite3.connect(db_path) as connection:
+        connection.execute("PRAGMA user_version = 99")
+    connection.close()
+
+    with pytest.raises(StoreError, match=f"{db_path} has schema version 99"):
+        await SqliteStore(db_path).known()
+
+
+@pytest.mark.parametrize(
+    "make_unusable",
+    [
+        pytest.param(lambda path: path.mkdir(parents=True), id="path-is-a-directory"),
+        pytest.param(lambda path: path.parent.write_text(""), id="parent-is-a-file"),
+    ],
+)
+async def test_an_unusable_path_fails_with_a_store_error(
+    db_path: Path, make_unusable: Callable[[Path], object]
+) -> None:
+    make_unusable(db_path)
+
+    with pytest.raises(StoreError, match=str(db_path.parent)):
+        await SqliteStore(db_path).learn([layer(1)], Sighting("learn"))
+
+
+@pytest.fixture
+def permissions_restored(db_path: Path) -> Iterator[None]:
+    yield
+    for path in (db_path.parent, *db_path.parent.iterdir()):
+        path.chmod(0o755)
+
+
+@pytest.mark.skipif(RUNNING_AS_ROOT, reason="root ignores file permissions")
+@pytest.mark.parametrize(
+    ("file_mode", "folder_mode"),
+    [pytest.param(0o444, 0o755, id="read-only-file"), pytest.param(0o644, 0o555, id="read-only-folder")],
+)
+@pytest.mark.usefixtures("permissions_restored")
+async def test_a_read_only_store_fails_writes_with_a_store_error(
+    db_path: Path, file_mode: int, folder_mode: int
+) -> None:
+    store = SqliteStore(db_path)
+    await store.learn([layer(1)], Sighting("learn"))
+    await store.close()
+    db_path.chmod(file_mode)
+    db_path.parent.chmod(folder_mode)
+
+    reopened = SqliteStore(db_path)
+    with pytest.raises(StoreError, match=str(db_path)):
+        await reopened.learn([layer(2)], Sighting("learn"))
+    await reopened.close()
+
+
+@pytest.mark.skipif(RUNNING_AS_ROOT, reason="root ignores file permissions")
+@pytest.mark.usefixtures("permissions_restored")
+async def test_an_unreadable_file_fails_the_first_call_with_a_store_error(db_path: Path) -> None:
+    store = SqliteStore(db_path)
+    await store.learn([layer(1)], Sighting("learn"))
+    await store.close()
+    db_path.chmod(0o000)
+
+    with pytest.raises(StoreError, match=str(db_path)):
+        await SqliteStore(db_path).known()
+
+
+@pytest.mark.parametrize(
+    ("url", "expected_path"),
+    [
+        ("sqlite:///var/lib/foreign-layer-proxy/foreign-layers.db", "/var/lib/foreign-layer-proxy/foreign-layers.db"),
+        ("sqlite://relative/path.db", "{cwd}/relative/path.db"),
+        ("sqlite://foreign-layers.db", "{cwd}/foreign-layers.db"),
+        ("SQLite:///x/y.db", "/x/y.db"),
+        ("sqlite:///x/with space.db", "/x/with space.db"),
+    ],
+)
+def test_open_store_reads_sqlite_urls(
+    url: str, expected_path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    store = open_store(url)
+    assert isinstance(store, SqliteStore)
+    assert store.path == Path(expected_path.format(cwd=tmp_path))
+
+
+def test_open_store_reads_memory_url() -> None:
+    assert isinstance(open_store("memory://"), MemoryStore)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "",
+        "foreign-layers.db",
+        "/var/lib/foreign-layers.db",
+        "sqlite:/var/lib/foreign-layers.db",
+        "sqlite://",
+        "sqlite:///",
+        "sqlite:///var/lib/",
+        "sqlite://..",
+        "sqlite:///x.db?mode=ro",
+        "sqlite:///x.db#fragment",
+        "memory:",
+        "memory://somewhere",
+        "postgresql://db.example/foreign",
+        "https://registry.example/v2/",
+        "sqlite\n://x.db",
+        "sqlite:///x\0y.db",
+    ],
+)
+def test_open_store_refuses_bad_urls_with_a_one_line_message(url: str) -> None:
+    with pytest.raises(ValueError) as refused:
+        open_store(url)
+    message = str(refused.value)
+    assert repr(url) in message
+    assert "\n" not in message
