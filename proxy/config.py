@@ -5,6 +5,7 @@ Later sources win: defaults < config file < FOREIGN_LAYER_PROXY_<SECTION>_<KEY> 
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -57,7 +58,7 @@ def parse_positive_float(value: object) -> float:
     if isinstance(value, bool):
         raise TypeError("expected a number of seconds")
     number = float(str(value))
-    if number <= 0:
+    if not math.isfinite(number) or number <= 0:
         raise ValueError(f"expected a positive number, got {value!r}")
     return number
 
@@ -84,7 +85,7 @@ def parse_upstream_url(value: object) -> URL:
     url = URL(str(value).strip())
     if url.scheme not in {"http", "https"} or not url.host:
         raise ValueError(f"expected an http:// or https:// URL, got {str(value)!r}")
-    if url.path not in {"", "/"} or url.query_string or url.fragment or url.user:
+    if url.path not in {"", "/"} or url.query_string or url.fragment or url.user or url.password:
         raise ValueError(f"expected an origin like https://registry:5000 with no path or credentials, got {str(value)!r}")
     return url.origin()
 
@@ -110,7 +111,10 @@ def parse_action(value: object) -> Action:
 
 def parse_rules(value: object) -> tuple[Rule, ...]:
     if isinstance(value, str):
-        value = yaml.safe_load(value)
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ValueError("invalid YAML") from None
     if value is None:
         return ()
     if not isinstance(value, list):
@@ -247,6 +251,8 @@ def _read_file(path: Path) -> RawSettings:
         document = yaml.safe_load(path.read_text())
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

@@ -18,6 +18,7 @@ from proxy.headers import (
     downstream_response_headers,
     origin,
     upstream_request_headers,
+    without_body_headers,
 )
 from proxy.known import KnownForeign
 from proxy.logs import log_event
@@ -194,7 +195,8 @@ class Gateway:
     async def cancel_upload(self, request: web.Request) -> None:
         """Abort the upstream session of a dropped or rejected upload, so the registry never commits it."""
         try:
-            async with self.upstream.open("DELETE", request.raw_path, self.upstream_headers(request)) as response:
+            headers = without_body_headers(self.upstream_headers(request))
+            async with self.upstream.open("DELETE", request.raw_path, headers) as response:
                 await response.read()
                 status = response.status
         except GatewayError as error:

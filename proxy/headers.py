@@ -26,6 +26,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 REWRITTEN_URL_HEADERS = ("Location", "Content-Location")
+BODY_HEADERS = frozenset({"content-length", "content-type", "content-range", "content-encoding", "content-md5", "digest"})
 _LINK_TARGET = re.compile(r"<([^>]*)>")
 
 
@@ -46,7 +47,7 @@ class Origins:
             position = rest.find(delimiter)
             if position != -1:
                 authority_end = min(authority_end, position)
-        if f"{scheme.lower()}://{rest[:authority_end].lower()}" != self.upstream:
+        if origin(scheme, rest[:authority_end]) != self.upstream:
             return url
         return self.client + rest[authority_end:]
 
@@ -100,17 +101,16 @@ def upstream_request_headers(
         headers["Host"] = upstream_authority
     if settings.x_forwarded:
         if client_address:
-            prior = incoming.get("X-Forwarded-For")
-            headers["X-Forwarded-For"] = f"{prior}, {client_address}" if prior else client_address
+            headers["X-Forwarded-For"] = ", ".join([*incoming.getall("X-Forwarded-For", ()), client_address])
         headers.setdefault("X-Forwarded-Proto", own_scheme)
         if client_host:
             headers.setdefault("X-Forwarded-Host", client_host)
     if settings.forwarded:
-        element = f'for="{client_address or "unknown"}";proto={own_scheme}'
+        node = f"[{client_address}]" if client_address and ":" in client_address else client_address or "unknown"
+        element = f'for="{node}";proto={own_scheme}'
         if client_host:
             element += f';host="{client_host}"'
-        prior = incoming.get("Forwarded")
-        headers["Forwarded"] = f"{prior}, {element}" if prior else element
+        headers["Forwarded"] = ", ".join([*incoming.getall("Forwarded", ()), element])
     headers["X-Request-Id"] = request_id
     return headers
 
@@ -124,3 +124,8 @@ def downstream_response_headers(upstream: CIMultiDictProxy[str], origins: Origin
             value = origins.rewrite(value)
         headers.add(name, value)
     return headers
+
+
+def without_body_headers(headers: CIMultiDict[str]) -> CIMultiDict[str]:
+    """Headers of a client's request reused for a bodiless request the gateway makes on its behalf."""
+    return CIMultiDict((name, value) for name, value in headers.items() if name.lower() not in BODY_HEADERS)

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import ssl
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -219,7 +220,7 @@ async def test_sigterm_lets_an_upload_in_flight_finish(
     parts = [os.urandom(64 * 1024) for _ in range(8)]
     sent_first = asyncio.Event()
 
-    async def slow_body():  # type: ignore[no-untyped-def]
+    async def slow_body() -> AsyncIterator[bytes]:
         for index, part in enumerate(parts):
             yield part
             if index == 0:
