@@ -1,27 +1,36 @@
-PYTHON ?= .venv/bin/python
-REGISTRY_PORT ?= 5001
-GATEWAY_PORT ?= 5000
+PYTHON := .venv/bin/python
+SYSTEM_PACKAGES := docker-registry skopeo containerd podman buildah redis-server haproxy nginx apache2-utils wrk
+# The binaries that tell whether SYSTEM_PACKAGES are installed.
+SYSTEM_BINARIES := docker-registry skopeo containerd ctr podman redis-server haproxy nginx htpasswd wrk
 
-.PHONY: install run test lint typecheck bench demo
+.PHONY: run test check lint typecheck system-deps python-deps bench demo
 
-.venv/bin/python:
-	python3 -m venv .venv
+run: system-deps python-deps
+	config/run-local.sh
 
-install: .venv/bin/python
-	@command -v docker-registry >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends docker-registry)
-	$(PYTHON) -m pip install -q -e '.[test]'
+test: system-deps python-deps check
+	$(PYTHON) -m pytest -p no:cacheprovider
 
-run: install
-	$(PYTHON) -m proxy.devrun --registry-port $(REGISTRY_PORT) --gateway-port $(GATEWAY_PORT)
+check: lint typecheck
 
 lint:
-	$(PYTHON) -m ruff check proxy tests bench
+	$(PYTHON) -m ruff check .
 
 typecheck:
 	$(PYTHON) -m mypy
 
-test: lint typecheck
-	$(PYTHON) -m pytest -q -p no:cacheprovider
+system-deps:
+	@missing=""; for binary in $(SYSTEM_BINARIES); do command -v $$binary >/dev/null || missing=yes; done; \
+	if [ -n "$$missing" ]; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(SYSTEM_PACKAGES); \
+	fi
 
-bench: install
+python-deps:
+	@[ -x $(PYTHON) ] || python3 -m venv .venv
+	$(PYTHON) -m pip install -q -e '.[test]'
+
+bench: system-deps python-deps
 	$(PYTHON) bench/run.py
+
+demo: system-deps python-deps
+	$(PYTHON) -m proxy.demo

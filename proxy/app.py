@@ -13,13 +13,15 @@ from pathlib import Path
 
 from aiohttp import web
 
-from proxy.config import Settings, require_upstream
+from proxy.config import ConfigError, Settings, require_upstream
 from proxy.errors import NOT_A_FORWARD_PROXY, GatewayError, error_response
 from proxy.forwarding import StreamAborted, Upstream, create_session
 from proxy.gateway import DECISION, REQUEST_ID, ROUTE, Gateway, no_automatic_continue
 from proxy.known import KnownForeign
 from proxy.logs import log_event, redacted_query
 from proxy.manifests import ForeignLayer, digest_lines, is_digest
+from proxy.metrics import Metrics, route_label
+from proxy.routes import match_route
 from proxy.store import ForeignStore, open_store
 
 logger = logging.getLogger("foreign_layer_proxy.access")
@@ -62,21 +64,23 @@ class InFlight:
 
 
 IN_FLIGHT = web.AppKey("in_flight", InFlight)
+METRICS = web.AppKey("metrics", Metrics)
+METRIC_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 STREAM_BUFFER_BYTES = 256 * 1024
 
 
 def read_digest_files(paths: tuple[Path, ...]) -> dict[str, ForeignLayer]:
-    """Digests listed in config files; a bad line raises ValueError naming file and line."""
+    """Digests listed in config files (foreign.digest_files)."""
     layers: dict[str, ForeignLayer] = {}
     for path in paths:
         try:
             text = path.read_text()
         except OSError as error:
-            raise ValueError(f"{path}: cannot read digest file: {error.strerror}") from None
+            raise ConfigError(f"{path}: cannot read digest file: {error.strerror}") from None
         for digest in digest_lines(text):
             if not is_digest(digest):
-                raise ValueError(f"{path}: not a digest: {digest[:80]!r}")
+                raise ConfigError(f"{path}: not a digest: {digest[:80]!r}")
             layers[digest] = ForeignLayer(digest=digest, media_type="", size=0)
     return layers
 
@@ -85,34 +89,49 @@ def read_digest_files(paths: tuple[Path, ...]) -> dict[str, ForeignLayer]:
 async def exchange(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Per request: the request id, the forward-proxy guard, OCI error bodies, and the one access log line."""
+    """Per request: id, route, the forward-proxy guard, OCI error bodies, metrics and the one access log line."""
     started = time.perf_counter()
     request[REQUEST_ID] = request.headers.get("X-Request-Id") or uuid.uuid4().hex
-    in_flight = request.app[IN_FLIGHT]
+    route = request[ROUTE] = match_route(request.path)
+    metrics, in_flight = request.app[METRICS], request.app[IN_FLIGHT]
+    route_kind = route_label(request.method, route.kind)
+    uploads = metrics.uploads_in_flight if route_kind == "blob_upload" else None
     in_flight.enter()
+    if uploads is not None:
+        uploads.inc()
+    response: web.StreamResponse | None = None
     status = 0
     try:
         if request.method == "CONNECT" or not request.raw_path.startswith("/"):
             raise GatewayError(NOT_A_FORWARD_PROXY)
         response = await handler(request)
-        status = response.status
         if in_flight.draining:
             response.force_close()
-        return response
     except GatewayError as error:
-        status = error.kind.status
+        if error.kind.upstream:
+            metrics.upstream_errors.labels(error.kind.name).inc()
         log_event(logger, logging.WARNING, "gateway_error", code=error.kind.code, message=str(error),
                   request_id=request[REQUEST_ID])
-        return error_response(error)
+        response = error_response(error)
     except StreamAborted as aborted:
         status = 499
+        metrics.upstream_errors.labels("stream_aborted").inc()
         log_event(logger, logging.WARNING, "stream_aborted", cause=aborted.cause, request_id=request[REQUEST_ID])
         if request.transport is not None:
             request.transport.close()
         raise
     finally:
         in_flight.leave()
-        route = request.get(ROUTE)
+        if uploads is not None:
+            uploads.dec()
+        duration = time.perf_counter() - started
+        status = response.status if response is not None else status
+        bytes_in, bytes_out = request.content.total_bytes, response.body_length if response is not None else 0
+        method = request.method if request.method in METRIC_METHODS else "OTHER"
+        metrics.requests.labels(method, route_kind, str(status)).inc()
+        metrics.duration.labels(route_kind).observe(duration)
+        metrics.bytes_streamed.labels("up").inc(bytes_in)
+        metrics.bytes_streamed.labels("down").inc(bytes_out)
         decision = request.get(DECISION)
         log_event(
             logger,
@@ -122,17 +141,23 @@ async def exchange(
             path=request.path,
             query=redacted_query(request.rel_url.query) or None,
             status=status,
-            bytes_in=request.content.total_bytes,
-            duration_ms=round((time.perf_counter() - started) * 1000, 1),
-            repository=route.repository if route else None,
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
+            duration_ms=round(duration * 1000, 1),
+            repository=route.repository,
             decision=decision.action.value if decision else None,
             client=request.remote,
+            user_agent=request.headers.get("User-Agent"),
             request_id=request[REQUEST_ID],
         )
+    return response
 
 
 async def store_context(app: web.Application) -> AsyncIterator[None]:
-    store = app.get(STORE) or open_store(app[SETTINGS].store.url)
+    try:
+        store = app.get(STORE) or open_store(app[SETTINGS].store.url)
+    except ValueError as error:
+        raise ConfigError(f"store.url: {error}") from None
     app[STORE] = store
     yield
     await store.close()
@@ -140,7 +165,12 @@ async def store_context(app: web.Application) -> AsyncIterator[None]:
 
 async def known_context(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    known = KnownForeign(app[STORE], read_digest_files(settings.foreign.digest_files), settings.store.sync_interval)
+    metrics = app[METRICS]
+    known = KnownForeign(
+        app[STORE], read_digest_files(settings.foreign.digest_files), settings.store.sync_interval,
+        on_store_error=metrics.store_errors.inc,
+    )  # fmt: skip
+    metrics.track_known(lambda: len(known.layers))
     with contextlib.suppress(Exception):
         await known.resync()
     app[KNOWN] = known
@@ -157,7 +187,7 @@ async def upstream_context(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     session = create_session(settings.upstream)
     app[UPSTREAM] = Upstream(require_upstream(settings), session)
-    app[GATEWAY] = Gateway(settings, app[UPSTREAM], app[KNOWN])
+    app[GATEWAY] = Gateway(settings, app[UPSTREAM], app[KNOWN], app[METRICS])
     yield
     await session.close()
 
@@ -170,6 +200,7 @@ def create_app(settings: Settings, store: ForeignStore | None = None) -> web.App
     app = web.Application(middlewares=[exchange])
     app[SETTINGS] = settings
     app[IN_FLIGHT] = InFlight()
+    app[METRICS] = Metrics()
     if store is not None:
         app[STORE] = store
     app.cleanup_ctx.extend([store_context, known_context, upstream_context])

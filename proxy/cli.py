@@ -8,15 +8,26 @@ import json
 import logging
 import os
 import signal
+import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
 from aiohttp import web
 
-from proxy.app import IN_FLIGHT, create_app, runner_for, server_ssl_context
-from proxy.config import ConfigError, Settings, load_settings
+from proxy.admin import create_admin_app
+from proxy.app import (
+    GATEWAY,
+    IN_FLIGHT,
+    KNOWN,
+    SETTINGS,
+    create_app,
+    read_digest_files,
+    runner_for,
+    server_ssl_context,
+)
+from proxy.config import Address, ConfigError, Settings, load_settings
 from proxy.logs import configure_logging, log_event
 from proxy.manifests import ForeignClassifier, is_digest
 from proxy.policy import Action
@@ -90,30 +101,61 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, overrides)
 
 
-async def serve(settings: Settings) -> None:
-    app = create_app(settings)
-    runner = runner_for(app, settings)
+async def start_site(runner: web.AppRunner, address: Address, setting: str, context: ssl.SSLContext | None = None) -> None:
     await runner.setup()
-    listen = settings.server.listen
-    site = web.TCPSite(runner, listen.host, listen.port, ssl_context=server_ssl_context(settings), reuse_address=True)
     try:
-        await site.start()
+        await web.TCPSite(runner, address.host, address.port, ssl_context=context, reuse_address=True).start()
     except OSError as error:
         await runner.cleanup()
-        raise ConfigError(f"server.listen: cannot listen on {listen}: {error.strerror}") from None
-    log_event(logger, logging.INFO, "listening", address=str(listen), upstream=str(settings.upstream.url),
-              tls=settings.server.tls_cert is not None)
+        raise ConfigError(f"{setting}: cannot listen on {address}: {error.strerror}") from None
+
+
+def reload(app: web.Application, load: Callable[[], Settings]) -> None:
+    """SIGHUP: new policy, foreign-layer and log settings for the next request; a bad config changes nothing."""
+    try:
+        settings = load()
+        static = read_digest_files(settings.foreign.digest_files)
+    except ConfigError as error:
+        log_event(logger, logging.ERROR, "reload_refused", error=str(error))
+        return
+    running = app[SETTINGS]
+    if (settings.server, settings.upstream, settings.admin, settings.store) != (
+        running.server, running.upstream, running.admin, running.store
+    ):
+        log_event(logger, logging.WARNING, "reload_partial", note="server, upstream, admin and store settings apply at restart")
+    configure_logging(settings.log.level, settings.log.format)
+    app[GATEWAY].reconfigure(settings)
+    app[KNOWN].replace_static(static)
+    log_event(logger, logging.INFO, "reloaded", rules=len(settings.policy.rules), default=settings.policy.default.value)
+
+
+async def serve(load: Callable[[], Settings]) -> None:
+    settings = load()
+    app = create_app(settings)
+    runner = runner_for(app, settings)
+    await start_site(runner, settings.server.listen, "server.listen", server_ssl_context(settings))
+    admin_runner = web.AppRunner(create_admin_app(app), access_log=None, handle_signals=False)
+    try:
+        await start_site(admin_runner, settings.admin.listen, "admin.listen")
+    except ConfigError:
+        await runner.cleanup()
+        raise
+    log_event(logger, logging.INFO, "listening", address=str(settings.server.listen), admin=str(settings.admin.listen),
+              upstream=str(settings.upstream.url), tls=settings.server.tls_cert is not None)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload, app, load)
     await stop.wait()
     in_flight = app[IN_FLIGHT]
     log_event(logger, logging.INFO, "stopping", in_flight=in_flight.count, grace_seconds=settings.server.shutdown_timeout)
-    await site.stop()
+    for site in list(runner.sites):
+        await site.stop()
     in_flight.draining = True
     if not await in_flight.wait_idle(settings.server.shutdown_timeout):
         log_event(logger, logging.WARNING, "shutdown_timeout", cut_requests=in_flight.count)
+    await admin_runner.cleanup()
     await runner.cleanup()
 
 
@@ -187,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = settings_from(args)
         configure_logging(settings.log.level, settings.log.format)
         if args.command == "serve":
-            asyncio.run(serve(settings))
+            asyncio.run(serve(lambda: settings_from(args)))
             return 0
         return asyncio.run(run_store_command(settings, args))
     except (ConfigError, SourceError, StoreError) as error:

@@ -217,6 +217,7 @@ class PolicySettings:
 class StoreSettings:
     url: str = field(default_factory=default_store_url, metadata=parsed_by(parse_store_url))
     sync_interval: float = field(default=0.5, metadata=parsed_by(parse_positive_float))
+    required: bool = field(default=False, metadata=parsed_by(parse_bool))
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,22 +12,28 @@ from aiohttp import web
 
 @dataclass(frozen=True, slots=True)
 class ErrorKind:
+    name: str
     code: str
     status: int
     message: str
 
+    @property
+    def upstream(self) -> bool:
+        return self.name.startswith("upstream_")
 
-UPSTREAM_UNREACHABLE = ErrorKind("UNAVAILABLE", 502, "upstream registry is unreachable")
-UPSTREAM_TIMEOUT = ErrorKind("UNAVAILABLE", 504, "upstream registry did not answer in time")
-UPSTREAM_BROKEN = ErrorKind("UNAVAILABLE", 502, "upstream registry sent an invalid response")
-FOREIGN_LAYER_DENIED = ErrorKind("DENIED", 403, "foreign layer may not be pushed")
-FOREIGN_LAYER_MISUSED = ErrorKind("MANIFEST_INVALID", 400, "manifest misuses a foreign layer")
-MANIFEST_TOO_LARGE = ErrorKind("SIZE_INVALID", 413, "manifest larger than 4 MiB")
+
+UPSTREAM_UNREACHABLE = ErrorKind("upstream_unreachable", "UNAVAILABLE", 502, "upstream registry is unreachable")
+UPSTREAM_TIMEOUT = ErrorKind("upstream_timeout", "UNAVAILABLE", 504, "upstream registry did not answer in time")
+UPSTREAM_BROKEN = ErrorKind("upstream_broken", "UNAVAILABLE", 502, "upstream registry sent an invalid response")
+FOREIGN_LAYER_DENIED = ErrorKind("foreign_layer_denied", "DENIED", 403, "foreign layer may not be pushed")
+FOREIGN_LAYER_MISUSED = ErrorKind("foreign_layer_misused", "MANIFEST_INVALID", 400, "manifest misuses a foreign layer")
+MANIFEST_TOO_LARGE = ErrorKind("manifest_too_large", "SIZE_INVALID", 413, "manifest larger than 4 MiB")
 NOT_A_FORWARD_PROXY = ErrorKind(
-    "UNSUPPORTED", 400, "absolute-form and CONNECT requests are not accepted: this is not a forward proxy"
+    "not_a_forward_proxy",
+    "UNSUPPORTED",
+    400,
+    "absolute-form and CONNECT requests are not accepted: this is not a forward proxy",
 )
-METHOD_NOT_ALLOWED = ErrorKind("UNSUPPORTED", 405, "method not supported by the gateway")
-BAD_REQUEST = ErrorKind("UNSUPPORTED", 400, "malformed request")
 
 
 class GatewayError(Exception):

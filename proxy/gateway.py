@@ -30,8 +30,9 @@ from proxy.manifests import (
     ManifestError,
     parse_manifest,
 )
+from proxy.metrics import Metrics
 from proxy.policy import Action, Decision, Policy
-from proxy.routes import RouteKind, RouteMatch, match_route
+from proxy.routes import RouteKind, RouteMatch
 from proxy.store import Sighting
 
 logger = logging.getLogger("foreign_layer_proxy.gateway")
@@ -95,9 +96,10 @@ async def drain(request: web.Request) -> int:
 
 
 class Gateway:
-    def __init__(self, settings: Settings, upstream: Upstream, known: KnownForeign):
+    def __init__(self, settings: Settings, upstream: Upstream, known: KnownForeign, metrics: Metrics):
         self.upstream = upstream
         self.known = known
+        self.metrics = metrics
         self.seen_manifests = SeenManifests()
         self.settings = settings
         self.policy = settings.policy.policy
@@ -109,8 +111,7 @@ class Gateway:
         self.classifier = ForeignClassifier(settings.foreign.all_media_types, settings.foreign.urls_mark_foreign)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        route = match_route(request.path)
-        request[ROUTE] = route
+        route = request[ROUTE]
         decision = self.decide(request, route, self.policy)
         if decision is not None:
             request[DECISION] = decision
@@ -153,7 +154,10 @@ class Gateway:
             user_agent=request.headers.get("User-Agent"),
             request_id=request[REQUEST_ID],
         )
-        self.known.count(decision.layer.digest, decision.action.outcome, decision.layer.size)
+        kept_out = decision.layer.size if decision.action.blocks else 0
+        self.known.count(decision.layer.digest, decision.action.outcome, kept_out)
+        self.metrics.decisions.labels(decision.action.outcome, decision.rule).inc()
+        self.metrics.bytes_kept_out.inc(kept_out)
 
     async def enforce(self, request: web.Request, route: RouteMatch, decision: Decision) -> web.StreamResponse:
         layer = decision.layer
@@ -283,7 +287,9 @@ class Gateway:
         layers = self.classifier.foreign_layers(manifest)
         if not layers:
             return
-        for layer in self.known.learn(layers, Sighting(source, repository, manifest_digest)):
+        new_layers = self.known.learn(layers, Sighting(source, repository, manifest_digest))
+        self.metrics.learned.labels(source).inc(len(new_layers))
+        for layer in new_layers:
             log_event(
                 logger,
                 logging.INFO,

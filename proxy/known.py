@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from proxy.logs import log_event
@@ -33,11 +33,17 @@ class _Counted:
 
 
 class KnownForeign:
-    def __init__(self, store: ForeignStore, static: Mapping[str, ForeignLayer] | None = None, sync_interval: float = 0.5):
+    def __init__(
+        self,
+        store: ForeignStore,
+        static: Mapping[str, ForeignLayer] | None = None,
+        sync_interval: float = 0.5,
+        on_store_error: Callable[[], None] = lambda: None,
+    ):
         self.store = store
         self.sync_interval = sync_interval
         self.layers: dict[str, ForeignLayer] = dict(static or {})
-        self.store_errors = 0
+        self.on_store_error = on_store_error
         self._static: dict[str, ForeignLayer] = dict(static or {})
         self._unsaved: dict[str, ForeignLayer] = {}
         self._pending: asyncio.Queue[_Learned | _Counted] = asyncio.Queue()
@@ -87,7 +93,7 @@ class KnownForeign:
                 await self.flush()
                 await self.resync()
             except StoreError as error:
-                self.store_errors += 1
+                self.on_store_error()
                 log_event(logger, logging.WARNING, "store_error", error=str(error))
 
     async def _write(self, item: _Learned | _Counted) -> None:

@@ -143,10 +143,10 @@ async def test_basic_auth_challenge_and_credentials_pass_through(
     challenge = await call(http, "GET", f"{gateway.url}/v2/")
     assert challenge.status == 401
     assert challenge.headers["WWW-Authenticate"].startswith("Basic realm=")
-    authorized = await call(http, "GET", f"{gateway.url}/v2/", headers={"Authorization": aiohttp.BasicAuth("alice", "s3cret").encode()})
+    authorized = await call(http, "GET", f"{gateway.url}/v2/", headers={"Authorization": aiohttp.encode_basic_auth("alice", "s3cret")})
     assert authorized.status == 200
     assert "s3cret" not in gateway.process.log_text()
-    assert aiohttp.BasicAuth("alice", "s3cret").encode() not in gateway.process.log_text()
+    assert aiohttp.encode_basic_auth("alice", "s3cret") not in gateway.process.log_text()
 
 
 async def test_tls_on_both_sides(

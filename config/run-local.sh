@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Runs a local CNCF distribution registry on 127.0.0.1:${REGISTRY_PORT:-5001} and the gateway in front
+# of it on 127.0.0.1:${GATEWAY_PORT:-5000}, until Ctrl-C. Used by `make run`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+registry_port=${REGISTRY_PORT:-5001}
+gateway_port=${GATEWAY_PORT:-5000}
+state=${STATE_DIR:-.local-run}
+mkdir -p "$state/registry"
+
+cat > "$state/registry.yml" <<YAML
+version: 0.1
+log: {level: warn}
+storage:
+  filesystem: {rootdirectory: $PWD/$state/registry}
+  delete: {enabled: true}
+http: {addr: 127.0.0.1:$registry_port}
+# Accept manifests whose foreign layers are fetched from their urls (Windows base layers).
+validation: {manifests: {urls: {allow: ['^https?://']}}}
+YAML
+
+docker-registry serve "$state/registry.yml" &
+registry_pid=$!
+trap 'kill "$registry_pid" 2>/dev/null || true' EXIT
+
+echo "registry: http://127.0.0.1:$registry_port   gateway: http://127.0.0.1:$gateway_port   (Ctrl-C stops both)"
+.venv/bin/python -m proxy serve \
+    --upstream "http://127.0.0.1:$registry_port" \
+    --listen "127.0.0.1:$gateway_port" \
+    --store "sqlite:///$PWD/$state/foreign-layers.db" \
+    --log-format text "$@"

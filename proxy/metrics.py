@@ -1,0 +1,84 @@
+"""Prometheus metrics of one gateway process, in a registry of its own (no module-level state).
+
+Repository names never become label values: they are unbounded. Decisions are labelled by rule name,
+which the operator's config bounds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from proxy.routes import RouteKind
+
+PREFIX = "foreign_layer_proxy"
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+UPLOAD_ROUTES = frozenset({RouteKind.UPLOAD_START, RouteKind.UPLOAD_SESSION})
+
+
+def route_label(method: str, kind: RouteKind | None) -> str:
+    """The bounded route label of a request: what an operator charts."""
+    if kind in UPLOAD_ROUTES:
+        return "blob_upload"
+    if kind is RouteKind.BLOB:
+        return "blob_get" if method in {"GET", "HEAD"} else "blob_other"
+    if kind is RouteKind.MANIFEST:
+        return {"GET": "manifest_get", "HEAD": "manifest_get", "PUT": "manifest_put"}.get(method, "manifest_other")
+    return "other"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            f"{PREFIX}_requests", "Requests handled, by method, route kind and status.",
+            ["method", "route", "status"], registry=self.registry,
+        )  # fmt: skip
+        self.duration = Histogram(
+            f"{PREFIX}_request_duration_seconds", "Time from request to the end of the response, by route kind.",
+            ["route"], buckets=DURATION_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.bytes_streamed = Counter(
+            f"{PREFIX}_bytes_streamed", "Body bytes streamed: up (client to registry) and down (registry to client).",
+            ["direction"], registry=self.registry,
+        )  # fmt: skip
+        self.decisions = Counter(
+            f"{PREFIX}_decisions",
+            "Foreign-layer decisions: dropped, rejected, allowed, audited, leaked, cleaned; by rule.",
+            ["action", "rule"], registry=self.registry,
+        )  # fmt: skip
+        self.bytes_kept_out = Counter(
+            f"{PREFIX}_bytes_kept_out", "Bytes of foreign layers that did not reach the registry.",
+            registry=self.registry,
+        )  # fmt: skip
+        self.learned = Counter(
+            f"{PREFIX}_learned_digests", "Foreign digests newly learned by this process, by source.",
+            ["source"], registry=self.registry,
+        )  # fmt: skip
+        self.upstream_errors = Counter(
+            f"{PREFIX}_upstream_errors", "Failed exchanges with the upstream registry, by kind.",
+            ["kind"], registry=self.registry,
+        )  # fmt: skip
+        self.store_errors = Counter(
+            f"{PREFIX}_store_errors", "Failed store operations (the gateway keeps enforcing what it knows).",
+            registry=self.registry,
+        )  # fmt: skip
+        self.uploads_in_flight = Gauge(
+            f"{PREFIX}_uploads_in_flight", "Blob upload requests being handled now.", registry=self.registry
+        )
+        self.known_foreign = Gauge(
+            f"{PREFIX}_known_foreign_digests", "Foreign digests this process enforces.", registry=self.registry
+        )
+
+    def track_known(self, count: Callable[[], int]) -> None:
+        self.known_foreign.set_function(lambda: float(count()))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
