@@ -13,6 +13,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from proxy.cleanup import Cleaner
 from proxy.config import ConfigError, Settings, require_upstream
 from proxy.errors import NOT_A_FORWARD_PROXY, GatewayError, error_response
 from proxy.forwarding import StreamAborted, Upstream, create_session
@@ -187,8 +188,14 @@ async def upstream_context(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     session = create_session(settings.upstream)
     app[UPSTREAM] = Upstream(require_upstream(settings), session)
-    app[GATEWAY] = Gateway(settings, app[UPSTREAM], app[KNOWN], app[METRICS])
+    metrics = app[METRICS]
+    cleaner = Cleaner(
+        app[UPSTREAM].origin, settings.upstream, settings.cleanup,
+        on_result=lambda outcome: metrics.decisions.labels(outcome, "cleanup").inc(),
+    )  # fmt: skip
+    app[GATEWAY] = Gateway(settings, app[UPSTREAM], app[KNOWN], metrics, cleaner)
     yield
+    await cleaner.close()
     await session.close()
 
 

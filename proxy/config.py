@@ -98,6 +98,10 @@ def parse_string_list(value: object) -> tuple[str, ...]:
     raise ValueError("expected a list of strings")
 
 
+def parse_optional_text(value: object) -> str | None:
+    return None if value is None or value == "" else str(value)
+
+
 def parse_digest_files(value: object) -> tuple[Path, ...]:
     return tuple(Path(item).expanduser() for item in parse_string_list(value))
 
@@ -207,10 +211,21 @@ class PolicySettings:
     rules: tuple[Rule, ...] = field(default=(), metadata=parsed_by(parse_rules))
     pretend_present: bool = field(default=False, metadata=parsed_by(parse_bool))
     manifest_check: bool = field(default=True, metadata=parsed_by(parse_bool))
+    inspect_content: bool = field(default=False, metadata=parsed_by(parse_bool))
+    leak_window: float = field(default=3600.0, metadata=parsed_by(parse_positive_float))
 
     @property
     def policy(self) -> Policy:
         return Policy(default=self.default, rules=self.rules)
+
+
+@dataclass(frozen=True, slots=True)
+class CleanupSettings:
+    delete_leaked: bool = field(default=False, metadata=parsed_by(parse_bool))
+    username: str | None = field(default=None, metadata=parsed_by(parse_optional_text))
+    password: str | None = field(default=None, repr=False, metadata=parsed_by(parse_optional_text))
+    bearer_token: str | None = field(default=None, repr=False, metadata=parsed_by(parse_optional_text))
+    attempts: int = field(default=5, metadata=parsed_by(parse_positive_int))
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +250,7 @@ class Settings:
     foreign: ForeignSettings = field(default_factory=ForeignSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
     store: StoreSettings = field(default_factory=StoreSettings)
+    cleanup: CleanupSettings = field(default_factory=CleanupSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
 

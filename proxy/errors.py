@@ -53,3 +53,31 @@ def error_response(error: GatewayError) -> web.Response:
         body=error_body(error.kind.code, str(error), error.detail),
         content_type="application/json",
     )
+
+
+FOREIGN_URL_HINT = (
+    "the manifest has foreign layers: the registry is probably refusing their urls or expecting their blobs. "
+    "With CNCF distribution allow the urls in its config (validation: manifests: urls: allow: ['^https?://']); "
+    "Harbor, Quay and zot accept them by default"
+)
+HINTED_CODES = frozenset({"UNKNOWN", "MANIFEST_BLOB_UNKNOWN", "MANIFEST_INVALID"})
+
+
+def add_foreign_layer_hint(body: bytes, foreign_digests: set[str]) -> bytes:
+    """An upstream OCI error body with the likely cause of a foreign-layer refusal added to its messages."""
+    try:
+        document = json.loads(body)
+        errors = document["errors"]
+    except (ValueError, TypeError, KeyError, RecursionError):
+        return body
+    if not isinstance(errors, list):
+        return body
+    hinted = False
+    for error in errors:
+        if not isinstance(error, dict) or error.get("code") not in HINTED_CODES:
+            continue
+        detail = json.dumps(error.get("detail"))
+        if error["code"] == "UNKNOWN" or any(digest in detail for digest in foreign_digests):
+            error["message"] = f"{error.get('message', '')} ({FOREIGN_URL_HINT})"
+            hinted = True
+    return json.dumps(document).encode() if hinted else body

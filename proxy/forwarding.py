@@ -7,6 +7,7 @@ import ssl
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
@@ -36,18 +37,20 @@ class StreamAborted(Exception):
         self.cause = cause
 
 
-def upstream_ssl_context(settings: UpstreamSettings) -> ssl.SSLContext | bool:
-    if settings.insecure:
-        return False
-    context = ssl.create_default_context(cafile=str(settings.ca_file) if settings.ca_file else None)
+def client_ssl_context(ca_file: Path | None, insecure: bool) -> ssl.SSLContext:
+    """TLS 1.2 or newer to a registry; certificate checks are off only when asked for explicitly."""
+    context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
     return context
 
 
 def create_session(settings: UpstreamSettings) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(
         limit=settings.max_connections,
-        ssl=upstream_ssl_context(settings),
+        ssl=client_ssl_context(settings.ca_file, settings.insecure),
         enable_cleanup_closed=True,
     )
     return aiohttp.ClientSession(

@@ -9,8 +9,15 @@ from collections import OrderedDict
 from aiohttp import ClientResponse, HttpVersion11, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy.cleanup import Cleaner
 from proxy.config import Settings
-from proxy.errors import FOREIGN_LAYER_DENIED, MANIFEST_TOO_LARGE, GatewayError
+from proxy.errors import (
+    FOREIGN_LAYER_DENIED,
+    FOREIGN_LAYER_MISUSED,
+    MANIFEST_TOO_LARGE,
+    GatewayError,
+    add_foreign_layer_hint,
+)
 from proxy.forwarding import Upstream, read_capped, relay_body
 from proxy.headers import (
     Origins,
@@ -26,12 +33,14 @@ from proxy.manifests import (
     IMAGE_MANIFEST_TYPES,
     INDEX_TYPES,
     MAX_MANIFEST_BYTES,
+    Descriptor,
     ForeignClassifier,
     ManifestError,
+    parse_diff_ids,
     parse_manifest,
 )
 from proxy.metrics import Metrics
-from proxy.policy import Action, Decision, Policy
+from proxy.policy import Action, Decision, ManifestReview, Policy, review_manifest
 from proxy.routes import RouteKind, RouteMatch
 from proxy.store import Sighting
 
@@ -96,10 +105,13 @@ async def drain(request: web.Request) -> int:
 
 
 class Gateway:
-    def __init__(self, settings: Settings, upstream: Upstream, known: KnownForeign, metrics: Metrics):
+    def __init__(
+        self, settings: Settings, upstream: Upstream, known: KnownForeign, metrics: Metrics, cleaner: Cleaner
+    ):
         self.upstream = upstream
         self.known = known
         self.metrics = metrics
+        self.cleaner = cleaner
         self.seen_manifests = SeenManifests()
         self.settings = settings
         self.policy = settings.policy.policy
@@ -122,7 +134,11 @@ class Gateway:
             return await self.forward_manifest_put(request, route)
         if route.kind is RouteKind.MANIFEST and request.method == "GET":
             return await self.forward_manifest_get(request, route)
-        return await self.forward(request)
+        response = await self.forward(request)
+        if response.status == 201 and route.repository and route.kind in PUSH_DIGEST_PARAMETERS:
+            for digest in self.pushed_digests(request, route.kind):
+                self.known.record_upload(route.repository, digest, self.settings.policy.leak_window)
+        return response
 
     # Decisions
 
@@ -132,12 +148,14 @@ class Gateway:
         if request.method == "HEAD" and route.kind is RouteKind.BLOB and self.settings.policy.pretend_present:
             digests: list[str] = [route.reference] if route.reference else []
         elif request.method in {"POST", "PUT"} and route.kind in PUSH_DIGEST_PARAMETERS:
-            digests = [
-                value for name in PUSH_DIGEST_PARAMETERS[route.kind] for value in request.query.getall(name, ())
-            ]
+            digests = self.pushed_digests(request, route.kind)
         else:
             return None
         return policy.decide(route.repository, digests, self.known.layers)
+
+    @staticmethod
+    def pushed_digests(request: web.Request, kind: RouteKind) -> list[str]:
+        return [value for name in PUSH_DIGEST_PARAMETERS[kind] for value in request.query.getall(name, ())]
 
     def record(self, request: web.Request, decision: Decision) -> None:
         log_event(
@@ -236,10 +254,22 @@ class Gateway:
         body = await read_capped(request.content, MAX_MANIFEST_BYTES)
         if body is None:
             raise GatewayError(MANIFEST_TOO_LARGE, f"manifest larger than {MAX_MANIFEST_BYTES} bytes")
+        repository = route.repository or ""
+        manifest_digest = sha256_digest(body)
+        review = await self.review(request, repository, body, request.content_type, self.settings.policy.manifest_check)
+        if review is not None and review.misuses:
+            self.learn(review, "manifest-put", manifest_digest)
+            await self.report_leaks(request, review, cleanup=False)
+            raise self.refusal(request, review)
         async with self.upstream.open("PUT", request.raw_path, self.upstream_headers(request), body) as upstream:
-            if 200 <= upstream.status < 300 and route.repository:
-                self.learn_from_manifest(body, request.content_type, route.repository, "manifest-put")
-            return await self.respond(request, upstream, None)
+            if review is None or not review.foreign:
+                return await self.respond(request, upstream, None)
+            if 200 <= upstream.status < 300:
+                self.seen_manifests.add(manifest_digest)
+                self.learn(review, "manifest-put", manifest_digest)
+                await self.report_leaks(request, review, cleanup=self.settings.cleanup.delete_leaked)
+                return await self.respond(request, upstream, None)
+            return await self.respond(request, upstream, await self.explained_refusal(upstream, review))
 
     async def forward_manifest_get(self, request: web.Request, route: RouteMatch) -> web.StreamResponse:
         async with self.upstream.open("GET", request.raw_path, self.upstream_headers(request)) as upstream:
@@ -248,8 +278,95 @@ class Gateway:
             body = await read_capped(upstream.content, MAX_MANIFEST_BYTES)
             if body is None:
                 raise GatewayError(MANIFEST_TOO_LARGE, "upstream manifest larger than 4 MiB")
-            self.learn_from_manifest(body, upstream.content_type, route.repository, "manifest-get")
+            manifest_digest = sha256_digest(body)
+            self.seen_manifests.add(manifest_digest)
+            review = await self.review(request, route.repository, body, upstream.content_type, check=False)
+            if review is not None:
+                self.learn(review, "manifest-get", manifest_digest)
             return await self.respond(request, upstream, body)
+
+    # Manifests
+
+    async def review(
+        self, request: web.Request, repository: str, body: bytes, content_type: str | None, check: bool
+    ) -> ManifestReview | None:
+        """The policy's view of an image manifest; None for lists, indexes and anything unparsable."""
+        try:
+            manifest = parse_manifest(body, content_type)
+        except ManifestError:
+            return None
+        if manifest.is_index or manifest.config is None:
+            return None
+        known = self.known
+        wants_diff_ids = any(self.classifier.is_foreign(layer) for layer in manifest.layers) or (
+            known.diff_ids and any(layer.digest not in known.layers for layer in manifest.layers)
+        )
+        diff_ids = await self.diff_ids(request, repository, manifest.config) if wants_diff_ids else ()
+        return review_manifest(
+            self.policy, repository, manifest, diff_ids, self.classifier, known.layers, known.diff_ids, check
+        )
+
+    async def diff_ids(self, request: web.Request, repository: str, config: Descriptor) -> tuple[str, ...]:
+        """The image config's layer diff_ids, read through the upstream with the client's own credentials."""
+        if config.size > MAX_MANIFEST_BYTES:
+            return ()
+        headers = without_body_headers(self.upstream_headers(request))
+        try:
+            async with self.upstream.open("GET", f"/v2/{repository}/blobs/{config.digest}", headers) as response:
+                body = await read_capped(response.content, MAX_MANIFEST_BYTES) if response.status == 200 else None
+        except GatewayError:
+            return ()
+        if body is None or sha256_digest(body) != config.digest:
+            return ()
+        return parse_diff_ids(body)
+
+    def refusal(self, request: web.Request, review: ManifestReview) -> GatewayError:
+        for misuse in review.misuses:
+            log_event(logger, logging.INFO, "decision", action="refused", reason=misuse.reason.value,
+                      rule=review.rule, repository=review.repository, digest=misuse.layer.digest,
+                      client=request.remote, request_id=request[REQUEST_ID])  # fmt: skip
+        self.metrics.decisions.labels("refused", review.rule).inc(len(review.misuses))
+        first = review.misuses[0]
+        return GatewayError(
+            FOREIGN_LAYER_MISUSED,
+            first.explain(review.repository, review.rule, review.action),
+            {
+                "repository": review.repository,
+                "rule": review.rule,
+                "layers": [
+                    {"digest": misuse.layer.digest, "mediaType": misuse.listed_media_type, "reason": misuse.reason.value}
+                    for misuse in review.misuses
+                ],
+            },
+        )
+
+    async def report_leaks(self, request: web.Request, review: ManifestReview, cleanup: bool) -> None:
+        """Foreign blobs that reached the registry before anything marked them: logged, counted, cleaned up."""
+        leaked = await self.known.uploaded_recently(review.repository, [layer.digest for layer in review.foreign])
+        for layer in review.foreign:
+            if layer.digest in leaked:
+                log_event(logger, logging.WARNING, "decision", action="leaked", rule=review.rule,
+                          repository=review.repository, digest=layer.digest, size=layer.size,
+                          client=request.remote, request_id=request[REQUEST_ID])  # fmt: skip
+                self.known.count(layer.digest, "leaked")
+                self.metrics.decisions.labels("leaked", review.rule).inc()
+        if leaked and cleanup and review.action.blocks:
+            self.cleaner.delete_later(review.repository, sorted(leaked))
+
+    async def explained_refusal(self, upstream: ClientResponse, review: ManifestReview) -> bytes | None:
+        """The registry's own error for a manifest with foreign layers, with the likely cause added."""
+        if upstream.status not in {400, 500}:
+            return None
+        body = await read_capped(upstream.content, MAX_MANIFEST_BYTES)
+        return add_foreign_layer_hint(body, {layer.digest for layer in review.foreign}) if body is not None else None
+
+    def learn(self, review: ManifestReview, source: str, manifest_digest: str) -> None:
+        new_layers = self.known.learn(review.foreign, Sighting(source, review.repository, manifest_digest))
+        self.metrics.learned.labels(source).inc(len(new_layers))
+        for layer in new_layers:
+            log_event(logger, logging.INFO, "learned", digest=layer.digest, media_type=layer.media_type,
+                      size=layer.size, diff_id=layer.diff_id, repository=review.repository,
+                      manifest=manifest_digest, source=source)  # fmt: skip
 
     def worth_learning_from(self, status: int, headers: CIMultiDictProxy[str]) -> bool:
         length = headers.get("Content-Length")
@@ -266,7 +383,9 @@ class Gateway:
         response = web.StreamResponse(
             status=upstream.status,
             reason=upstream.reason,
-            headers=downstream_response_headers(upstream.headers, self.origins(request)),
+            headers=downstream_response_headers(
+                upstream.headers, self.origins(request), None if body is None else len(body)
+            ),
         )
         await response.prepare(request)
         if request.method != "HEAD":
@@ -276,28 +395,3 @@ class Gateway:
                 await response.write(body)
         await response.write_eof()
         return response
-
-    def learn_from_manifest(self, body: bytes, content_type: str | None, repository: str, source: str) -> None:
-        manifest_digest = sha256_digest(body)
-        self.seen_manifests.add(manifest_digest)
-        try:
-            manifest = parse_manifest(body, content_type)
-        except ManifestError:
-            return
-        layers = self.classifier.foreign_layers(manifest)
-        if not layers:
-            return
-        new_layers = self.known.learn(layers, Sighting(source, repository, manifest_digest))
-        self.metrics.learned.labels(source).inc(len(new_layers))
-        for layer in new_layers:
-            log_event(
-                logger,
-                logging.INFO,
-                "learned",
-                digest=layer.digest,
-                media_type=layer.media_type,
-                size=layer.size,
-                repository=repository,
-                manifest=manifest_digest,
-                source=source,
-            )

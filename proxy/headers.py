@@ -115,7 +115,10 @@ def upstream_request_headers(
     return headers
 
 
-def downstream_response_headers(upstream: CIMultiDictProxy[str], origins: Origins) -> CIMultiDict[str]:
+def downstream_response_headers(
+    upstream: CIMultiDictProxy[str], origins: Origins, body_length: int | None = None
+) -> CIMultiDict[str]:
+    """The upstream's response headers for the client; `body_length` when the gateway changed the body."""
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in _end_to_end(upstream):
         if name.lower() == "link":
@@ -123,6 +126,8 @@ def downstream_response_headers(upstream: CIMultiDictProxy[str], origins: Origin
         elif name.title() in REWRITTEN_URL_HEADERS:
             value = origins.rewrite(value)
         headers.add(name, value)
+    if body_length is not None and "Content-Length" in headers:
+        headers["Content-Length"] = str(body_length)
     return headers
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from proxy.manifests import ForeignLayer
 from proxy.store import ForeignStore, Sighting, StoreError
 
 logger = logging.getLogger("foreign_layer_proxy.known")
+RECENT_UPLOADS_CAPACITY = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +34,20 @@ class _Counted:
     nbytes: int
 
 
+@dataclass(frozen=True, slots=True)
+class _Uploaded:
+    repository: str
+    digest: str
+    ttl: float
+
+
+_Change = _Learned | _Counted | _Uploaded
+
+
+def index_diff_ids(layers: Iterable[ForeignLayer]) -> dict[str, ForeignLayer]:
+    return {layer.diff_id: layer for layer in layers if layer.diff_id}
+
+
 class KnownForeign:
     def __init__(
         self,
@@ -42,11 +58,13 @@ class KnownForeign:
     ):
         self.store = store
         self.sync_interval = sync_interval
-        self.layers: dict[str, ForeignLayer] = dict(static or {})
         self.on_store_error = on_store_error
+        self.layers: dict[str, ForeignLayer] = dict(static or {})
+        self.diff_ids: dict[str, ForeignLayer] = {}
         self._static: dict[str, ForeignLayer] = dict(static or {})
         self._unsaved: dict[str, ForeignLayer] = {}
-        self._pending: asyncio.Queue[_Learned | _Counted] = asyncio.Queue()
+        self._recent_uploads: dict[tuple[str, str], float] = {}
+        self._pending: asyncio.Queue[_Change] = asyncio.Queue()
         self._generation: int | None = None
         self._wake = asyncio.Event()
 
@@ -57,18 +75,38 @@ class KnownForeign:
         for layer in layers:
             self.layers[layer.digest] = layer
             self._unsaved[layer.digest] = layer
+        self.diff_ids.update(index_diff_ids(layers))
         if layers:
-            self._pending.put_nowait(_Learned(layers, sighting))
-            self._wake.set()
+            self._queue(_Learned(layers, sighting))
         return new
 
     def count(self, digest: str, outcome: str, nbytes: int = 0) -> None:
         self._pending.put_nowait(_Counted(digest, outcome, nbytes))
 
+    def record_upload(self, repository: str, digest: str, ttl: float) -> None:
+        """A blob upload completed: kept for leak detection, here and (for other replicas) in the store."""
+        if len(self._recent_uploads) >= RECENT_UPLOADS_CAPACITY:
+            self._forget_expired_uploads()
+        self._recent_uploads[(repository, digest)] = time.monotonic() + ttl
+        self._queue(_Uploaded(repository, digest, ttl))
+
+    async def uploaded_recently(self, repository: str, digests: Iterable[str]) -> set[str]:
+        """Which of `digests` were uploaded to `repository` within the leak window, by any replica."""
+        now = time.monotonic()
+        wanted = set(digests)
+        found = {digest for digest in wanted if self._recent_uploads.get((repository, digest), 0.0) > now}
+        if wanted - found:
+            try:
+                await self.flush()
+                found |= await self.store.recent_uploads(repository, wanted - found)
+            except StoreError as error:
+                self._report(error)
+        return found
+
     def replace_static(self, static: Mapping[str, ForeignLayer]) -> None:
         self._static = dict(static)
-        self._wake.set()
         self._generation = None
+        self._wake.set()
 
     async def flush(self) -> None:
         """Write everything pending; used at shutdown and by tests."""
@@ -79,8 +117,13 @@ class KnownForeign:
         generation = await self.store.generation()
         if generation == self._generation:
             return
+        if self._generation is not None and generation < self._generation:
+            # The store was reset (a Redis failover without persistence): give it back what we enforce.
+            self._unsaved |= {digest: layer for digest, layer in self.layers.items() if digest not in self._static}
+            self._queue(_Learned(tuple(self._unsaved.values()), Sighting("resync")))
         stored = await self.store.known()
         self.layers = {**self._static, **stored, **self._unsaved}
+        self.diff_ids = index_diff_ids(self.layers.values())
         self._generation = generation
 
     async def run(self) -> None:
@@ -93,18 +136,33 @@ class KnownForeign:
                 await self.flush()
                 await self.resync()
             except StoreError as error:
-                self.on_store_error()
-                log_event(logger, logging.WARNING, "store_error", error=str(error))
+                self._report(error)
 
-    async def _write(self, item: _Learned | _Counted) -> None:
+    def _queue(self, change: _Change) -> None:
+        self._pending.put_nowait(change)
+        self._wake.set()
+
+    def _report(self, error: StoreError) -> None:
+        self.on_store_error()
+        log_event(logger, logging.WARNING, "store_error", error=str(error))
+
+    def _forget_expired_uploads(self) -> None:
+        now = time.monotonic()
+        self._recent_uploads = {key: expiry for key, expiry in self._recent_uploads.items() if expiry > now}
+        while len(self._recent_uploads) >= RECENT_UPLOADS_CAPACITY:
+            del self._recent_uploads[next(iter(self._recent_uploads))]
+
+    async def _write(self, change: _Change) -> None:
         try:
-            if isinstance(item, _Learned):
-                await self.store.learn(item.layers, item.sighting)
-                for layer in item.layers:
+            if isinstance(change, _Learned):
+                await self.store.learn(change.layers, change.sighting)
+                for layer in change.layers:
                     if self._unsaved.get(layer.digest) is layer:
                         del self._unsaved[layer.digest]
+            elif isinstance(change, _Counted):
+                await self.store.count(change.digest, change.outcome, change.nbytes)
             else:
-                await self.store.count(item.digest, item.outcome, item.nbytes)
+                await self.store.record_upload(change.repository, change.digest, change.ttl)
         except StoreError:
-            self._pending.put_nowait(item)
+            self._pending.put_nowait(change)
             raise

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from proxy.manifests import ForeignLayer
+from proxy.manifests import ForeignClassifier, ForeignLayer, Manifest
 
 
 class Action(StrEnum):
@@ -100,3 +100,74 @@ class Policy:
                 rule, action = self.rule_for(repository)
                 return Decision(action=action, rule=rule, repository=repository, layer=layer)
         return None
+
+
+class MisuseReason(StrEnum):
+    LISTED_AS_ORDINARY = "listed-as-ordinary"
+    WITHOUT_URLS = "foreign-without-urls"
+
+
+@dataclass(frozen=True, slots=True)
+class Misuse:
+    layer: ForeignLayer
+    listed_media_type: str
+    reason: MisuseReason
+
+    def explain(self, repository: str, rule: str, action: Action) -> str:
+        where = f"this registry does not store foreign layers in {repository} (rule {rule}: {action.value})"
+        if self.reason is MisuseReason.LISTED_AS_ORDINARY:
+            return (
+                f"layer {self.layer.digest} is a foreign (non-distributable) layer but the manifest lists it as "
+                f"an ordinary layer ({self.listed_media_type}); {where}. Push the image keeping the layer's "
+                f"foreign media type and its urls, so that pullers fetch it from its source"
+            )
+        return (
+            f"foreign layer {self.layer.digest} has no urls, so pullers could not fetch it, and {where}. "
+            f"Push the image keeping the layer's urls (a client that recompresses foreign layers drops them)"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestReview:
+    """What one image manifest means to the policy, before and after the upstream sees it."""
+
+    repository: str
+    rule: str
+    action: Action
+    foreign: tuple[ForeignLayer, ...]
+    misuses: tuple[Misuse, ...]
+
+
+def review_manifest(
+    policy: Policy,
+    repository: str,
+    manifest: Manifest,
+    diff_ids: tuple[str, ...],
+    classifier: ForeignClassifier,
+    known: Mapping[str, ForeignLayer],
+    known_diff_ids: Mapping[str, ForeignLayer],
+    check: bool,
+) -> ManifestReview:
+    """Foreign layers are those the manifest marks, and those it lists as ordinary whose digest or
+    uncompressed digest (diff_id; recompressing clients change the digest) is known to be foreign.
+    Misuses are reported only when `check` is on and the repository's rule keeps foreign layers out.
+    """
+    rule, action = policy.rule_for(repository)
+    aligned = len(diff_ids) == len(manifest.layers)
+    foreign: list[ForeignLayer] = []
+    misuses: list[Misuse] = []
+    for index, listed in enumerate(manifest.layers):
+        diff_id = diff_ids[index] if aligned else None
+        if classifier.is_foreign(listed):
+            layer = ForeignLayer(listed.digest, listed.media_type, listed.size, listed.urls, diff_id)
+            reason = None if listed.urls else MisuseReason.WITHOUT_URLS
+        else:
+            match = known.get(listed.digest) or (known_diff_ids.get(diff_id) if diff_id else None)
+            if match is None:
+                continue
+            layer = ForeignLayer(listed.digest, match.media_type, listed.size, match.urls, diff_id or match.diff_id)
+            reason = MisuseReason.LISTED_AS_ORDINARY
+        foreign.append(layer)
+        if reason is not None and check and action.blocks:
+            misuses.append(Misuse(layer, listed.media_type, reason))
+    return ManifestReview(repository, rule, action, tuple(foreign), tuple(misuses))

@@ -22,7 +22,7 @@ from typing import Self
 import aiohttp
 from yarl import URL
 
-from proxy.forwarding import read_capped
+from proxy.forwarding import client_ssl_context, read_capped
 from proxy.manifests import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
@@ -104,12 +104,7 @@ class RegistryAccess:
         )
 
     def ssl_context(self) -> ssl.SSLContext:
-        context = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        if self.insecure:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        return context
+        return client_ssl_context(self.ca_file, self.insecure)
 
 
 def _credentials(value: str) -> tuple[str | None, str | None]:

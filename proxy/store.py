@@ -1,4 +1,4 @@
-"""The set of known foreign-layer digests, shared by the gateway and the CLI: in memory or in SQLite."""
+"""The set of known foreign-layer digests, shared by the gateway and the CLI: in memory, SQLite or Redis."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from proxy.manifests import ForeignLayer
 Result = TypeVar("Result")
 Clock = Callable[[], float]
 
-SUPPORTED_URLS = "memory:// or sqlite:///path/to/foreign-layers.db"
+SUPPORTED_URLS = "memory://, sqlite:///path/to/foreign-layers.db or redis[s]://[:password@]host[:port][/db]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +45,7 @@ class ForeignRecord:
 
 
 class StoreError(Exception):
-    """The store's backend failed; the message names the backend (for SQLite, the file)."""
+    """The store's backend failed; the message names the backend (the SQLite file, the Redis URL without password)."""
 
 
 class ForeignStore(Protocol):
@@ -68,16 +68,29 @@ class ForeignStore(Protocol):
         """Record one outcome for a known digest; an unknown digest is ignored."""
 
     async def generation(self) -> int:
-        """Cheap; differs after any change committed by any process sharing the store."""
+        """Cheap; differs after any change to the records committed by any process sharing the store.
+
+        Upload records are not records: they do not move it.
+        """
+
+    async def record_upload(self, repository: str, digest: str, ttl_seconds: float) -> None:
+        """Remember for `ttl_seconds` (> 0, else ValueError) that `digest` was uploaded to `repository`."""
+
+    async def recent_uploads(self, repository: str, digests: Iterable[str]) -> set[str]:
+        """Those of `digests` recorded for `repository` whose time has not run out."""
 
     async def close(self) -> None: ...
 
 
 def open_store(url: str) -> ForeignStore:
-    """The store a URL names; ValueError for an unsupported or malformed URL. Nothing is opened until first use."""
+    """The store a URL names; ValueError for an unsupported or malformed URL. Nothing is opened until first use.
+
+    Messages show the URL without its password.
+    """
+    shown = without_password(url)
     scheme, separator, location = url.partition("://")
     if not separator:
-        raise ValueError(f"malformed store URL {url!r}: expected {SUPPORTED_URLS}")
+        raise ValueError(f"malformed store URL {shown!r}: expected {SUPPORTED_URLS}")
     match scheme.lower():
         case "memory":
             if location:
@@ -85,8 +98,28 @@ def open_store(url: str) -> ForeignStore:
             return MemoryStore()
         case "sqlite":
             return SqliteStore(_sqlite_path(url, location))
+        case "redis" | "rediss":
+            # Imported here so that the SQLite-only CLI paths do not load the Redis client.
+            from proxy.store_redis import RedisStore, parse_redis_url
+
+            return RedisStore(parse_redis_url(url))
         case _:
-            raise ValueError(f"unsupported store URL {url!r}: expected {SUPPORTED_URLS}")
+            raise ValueError(f"unsupported store URL {shown!r}: expected {SUPPORTED_URLS}")
+
+
+def without_password(url: str) -> str:
+    """`url` with the credentials of its authority, if any, replaced by `***`."""
+    scheme, separator, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    if not separator or "@" not in authority:
+        return url
+    return f"{scheme}://***@{authority.rpartition('@')[2]}{slash}{path}"
+
+
+def upload_expiry(now: float, ttl_seconds: float) -> float:
+    if not ttl_seconds > 0:
+        raise ValueError(f"ttl_seconds must be positive, got {ttl_seconds!r}")
+    return now + ttl_seconds
 
 
 def _sqlite_path(url: str, location: str) -> Path:
@@ -99,7 +132,7 @@ def _sqlite_path(url: str, location: str) -> Path:
     return Path(location).absolute()
 
 
-def _with_gaps_filled(known: ForeignLayer, later: ForeignLayer) -> ForeignLayer:
+def with_gaps_filled(known: ForeignLayer, later: ForeignLayer) -> ForeignLayer:
     return replace(
         known,
         urls=known.urls or later.urls,
@@ -113,6 +146,7 @@ class MemoryStore:
     def __init__(self, *, clock: Clock = time.time) -> None:
         self._clock = clock
         self._records: dict[str, ForeignRecord] = {}
+        self._uploads: dict[tuple[str, str], float] = {}
         self._generation = 0
         self._closed = False
 
@@ -128,7 +162,7 @@ class MemoryStore:
             else:
                 self._records[layer.digest] = replace(
                     record,
-                    layer=_with_gaps_filled(record.layer, layer),
+                    layer=with_gaps_filled(record.layer, layer),
                     last_sighting=sighting,
                     last_seen=now,
                 )
@@ -168,6 +202,18 @@ class MemoryStore:
         self._check_open()
         return self._generation
 
+    async def record_upload(self, repository: str, digest: str, ttl_seconds: float) -> None:
+        self._check_open()
+        now = self._clock()
+        expires_at = upload_expiry(now, ttl_seconds)
+        self._uploads = {key: expiry for key, expiry in self._uploads.items() if expiry > now}
+        self._uploads[repository, digest] = expires_at
+
+    async def recent_uploads(self, repository: str, digests: Iterable[str]) -> set[str]:
+        self._check_open()
+        now = self._clock()
+        return {digest for digest in digests if self._uploads.get((repository, digest), now) > now}
+
     async def close(self) -> None:
         self._closed = True
 
@@ -176,7 +222,7 @@ class MemoryStore:
             raise StoreError("memory store is closed")
 
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = (
     """
@@ -212,6 +258,16 @@ SCHEMA = (
         PRIMARY KEY (digest, outcome)
     ) WITHOUT ROWID
     """,
+    # Version 2: upload records for leak detection (a version 1 file gains the table on first use).
+    """
+    CREATE TABLE IF NOT EXISTS uploads (
+        repository TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        expires_at REAL NOT NULL,
+        PRIMARY KEY (repository, digest)
+    ) WITHOUT ROWID
+    """,
+    "CREATE INDEX IF NOT EXISTS uploads_by_expiry ON uploads (expires_at)",
     f"PRAGMA user_version = {SCHEMA_VERSION}",
 )
 
@@ -346,6 +402,39 @@ class SqliteStore:
             return int(row[0])
 
         return await self._run(select_generation)
+
+    async def record_upload(self, repository: str, digest: str, ttl_seconds: float) -> None:
+        now = self._clock()
+        expires_at = upload_expiry(now, ttl_seconds)
+
+        def upsert_upload(connection: sqlite3.Connection) -> None:
+            connection.execute("DELETE FROM uploads WHERE expires_at <= ?", (now,))
+            connection.execute(
+                """
+                INSERT INTO uploads (repository, digest, expires_at) VALUES (?, ?, ?)
+                ON CONFLICT (repository, digest) DO UPDATE SET expires_at = excluded.expires_at
+                """,
+                (repository, digest, expires_at),
+            )
+
+        # Not through _write: upload records must not move the generation.
+        await self._run(lambda connection: _in_transaction(connection, upsert_upload))
+
+    async def recent_uploads(self, repository: str, digests: Iterable[str]) -> set[str]:
+        now = self._clock()
+        wanted = json.dumps(list(dict.fromkeys(digests)))
+
+        def select_uploads(connection: sqlite3.Connection) -> set[str]:
+            rows = connection.execute(
+                """
+                SELECT digest FROM uploads
+                WHERE repository = ? AND expires_at > ? AND digest IN (SELECT value FROM json_each(?))
+                """,
+                (repository, now, wanted),
+            )
+            return {row[0] for row in rows}
+
+        return await self._run(select_uploads)
 
     async def close(self) -> None:
         await asyncio.to_thread(self._close)

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -9,6 +9,7 @@ from support.fixtures import gateway, gateway_factory, http  # noqa: F401  (fixt
 from support.images import Image, build_image
 from support.processes import require_binaries
 from support.registry import Registry, RegistryConfig, RegistryFactory
+from support.services import Haproxy, HaproxyFactory, RedisFactory, RedisServer
 
 
 @pytest.fixture
@@ -69,3 +70,43 @@ def foreign_image() -> Image:
 def oci_foreign_image() -> Image:
     return build_image(3, foreign=2, flavour="oci", os="windows")
 
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One server for the session; tests that share it flush their database first."""
+    require_binaries("redis-server")
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisFactory]:
+    """Servers of the test's own, for tests that stop, pause or restart them."""
+    require_binaries("redis-server")
+    started: list[RedisServer] = []
+
+    def start(*, password: str | None = None) -> RedisServer:
+        server = RedisServer(tmp_path_factory.mktemp("redis"), password=password)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in reversed(started):
+        server.stop()
+
+
+@pytest.fixture
+def haproxy_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HaproxyFactory]:
+    require_binaries("haproxy")
+    started: list[Haproxy] = []
+
+    def start(backends: Sequence[str]) -> Haproxy:
+        balancer = Haproxy(tmp_path_factory.mktemp("haproxy"), backends)
+        started.append(balancer)
+        return balancer.start()
+
+    yield start
+    for balancer in reversed(started):
+        balancer.stop()

@@ -1,4 +1,4 @@
-"""The foreign-layer store: both backends against one contract, and SQLite across processes and failures."""
+"""The foreign-layer store: every backend against one contract, then SQLite and Redis across processes and failures."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.services import RedisServer
 
 from proxy.manifests import ForeignLayer
 from proxy.store import (
@@ -25,12 +26,13 @@ from proxy.store import (
     StoreError,
     open_store,
 )
+from proxy.store_redis import RedisStore, parse_redis_url
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 FOREIGN_GZIP = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
 NONDISTRIBUTABLE = "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
 START = 1_700_000_000.0
-BACKENDS = ("memory", "sqlite")
+BACKENDS = ("memory", "sqlite", "redis")
 RUNNING_AS_ROOT = os.geteuid() == 0
 
 WRITER_PROCESS = """
@@ -71,10 +73,26 @@ class FakeClock:
         return self.now
 
 
-def new_store(backend: str, path: Path, clock: FakeClock) -> ForeignStore:
-    if backend == "memory":
-        return MemoryStore(clock=clock)
-    return SqliteStore(path, clock=clock)
+@dataclass(frozen=True, slots=True)
+class Backend:
+    name: str
+    redis: RedisServer | None = None
+
+    def open(self, path: Path, clock: FakeClock) -> ForeignStore:
+        """A new, empty store (for Redis: the shared server's database, flushed)."""
+        if self.redis is not None:
+            self.redis.flush()
+            return RedisStore(parse_redis_url(self.redis.url()), clock=clock)
+        if self.name == "memory":
+            return MemoryStore(clock=clock)
+        return SqliteStore(path, clock=clock)
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> Backend:
+    if request.param == "redis":
+        return Backend("redis", request.getfixturevalue("redis_server"))
+    return Backend(request.param)
 
 
 @pytest.fixture
@@ -87,11 +105,26 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "state" / "foreign-layers.db"
 
 
-@pytest.fixture(params=BACKENDS)
-async def store(request: pytest.FixtureRequest, db_path: Path, clock: FakeClock) -> AsyncIterator[ForeignStore]:
-    store = new_store(request.param, db_path, clock)
+@pytest.fixture
+async def store(backend: Backend, db_path: Path, clock: FakeClock) -> AsyncIterator[ForeignStore]:
+    store = backend.open(db_path, clock)
     yield store
     await store.close()
+
+
+Elapse = Callable[[float], Awaitable[None]]
+
+
+@pytest.fixture
+def elapse(backend: Backend, clock: FakeClock) -> Elapse:
+    """Let time pass for the store: its clock, and for Redis (which expires keys on its own clock) real time."""
+
+    async def elapse(seconds: float) -> None:
+        clock.now += seconds
+        if backend.redis is not None:
+            await asyncio.sleep(seconds)
+
+    return elapse
 
 
 @pytest.fixture
@@ -222,6 +255,8 @@ NO_CHANGES: dict[str, Callable[[ForeignStore], Awaitable[object]]] = {
     "learn-nothing": lambda store: store.learn([], Sighting("learn")),
     "forget-unknown": lambda store: store.forget([digest(9)]),
     "count-unknown": lambda store: store.count(digest(9), "dropped", 10),
+    "record-upload": lambda store: store.record_upload("team/app", digest(1), 60),
+    "recent-uploads": lambda store: store.recent_uploads("team/app", [digest(1)]),
 }
 
 
@@ -320,12 +355,11 @@ async def apply_to_store(store: ForeignStore, operation: Learn | Forget) -> list
     return await store.learn(operation.layers, Sighting("learn"))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(operations=operations)
-def test_any_learn_forget_sequence_matches_a_dict_model(backend: str, operations: list[Learn | Forget]) -> None:
+def test_any_learn_forget_sequence_matches_a_dict_model(backend: Backend, operations: list[Learn | Forget]) -> None:
     async def check(path: Path) -> None:
-        store = new_store(backend, path, FakeClock())
+        store = backend.open(path, FakeClock())
         model: dict[str, ForeignLayer] = {}
         try:
             for operation in operations:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import subprocess
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+
+import pytest
 
 from .processes import ManagedProcess, run, run_checked
 
@@ -198,3 +202,33 @@ class Podman:
 
     def _podman(self, *args: str | Path) -> list[str]:
         return with_private_blob_info_cache(["podman", *args], self.cache_dir)
+
+
+def blob_status(base_url: str, repository: str, digest: str) -> int:
+    """The status of a plain HEAD on a blob, e.g. straight to the registry, bypassing the gateway."""
+    request = urllib.request.Request(f"{base_url}/v2/{repository}/blobs/{digest}", method="HEAD")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            status: int = response.status
+            return status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+class _RecordedSleeps:
+    """Stands in for the `time` module inside `oras.decorator`: records each retry pause instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.pauses: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.pauses.append(seconds)
+
+
+def oras_retry_pauses_skipped(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Make the oras SDK retry without its pauses (3 s to 83 s each); returns the pauses it would have taken."""
+    import oras.decorator
+
+    recorded = _RecordedSleeps()
+    monkeypatch.setattr(oras.decorator, "time", recorded)
+    return recorded.pauses

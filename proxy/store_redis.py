@@ -1,0 +1,326 @@
+"""The store in Redis, shared by gateway replicas on many hosts.
+
+Keys (all under PREFIX, in the URL's database):
+    layers            HASH digest -> JSON [media_type, size, urls, diff_id]  (all `known()` reads: one HGETALL)
+    history           HASH digest -> JSON [first source, repository, manifest, first_seen, last ..., last_seen]
+    bytes-kept-out    HASH digest -> int
+    outcomes:DIGEST   HASH outcome -> count
+    generation        INT, INCR'd in the transaction of every change
+    upload:REPO@DIGEST  "1" with a TTL (leak detection)
+Every change is also PUBLISHed on CHANNEL, so a subscriber may react before its next generation poll.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import cast
+from urllib.parse import unquote, urlsplit
+
+import redis.asyncio as redis
+from redis.asyncio.client import Pipeline
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError, WatchError
+
+from proxy.manifests import ForeignLayer
+from proxy.store import (
+    Clock,
+    ForeignRecord,
+    Sighting,
+    StoreError,
+    upload_expiry,
+    with_gaps_filled,
+    without_password,
+)
+
+PREFIX = "foreign-layer-proxy:"
+LAYERS = PREFIX + "layers"
+HISTORY = PREFIX + "history"
+BYTES_KEPT_OUT = PREFIX + "bytes-kept-out"
+GENERATION = PREFIX + "generation"
+CHANNEL = PREFIX + "changes"
+DEFAULT_PORT = 6379
+DEFAULT_TIMEOUT = 2.0
+
+# KEYS: layers, outcomes:DIGEST, bytes-kept-out, generation. ARGV: digest, outcome, nbytes, channel.
+COUNT_SCRIPT = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+redis.call('HINCRBY', KEYS[3], ARGV[1], ARGV[3])
+redis.call('INCR', KEYS[4])
+redis.call('PUBLISH', ARGV[4], 'count')
+return 1
+"""
+
+# KEYS: layers, history, bytes-kept-out, generation, then outcomes:DIGEST per digest. ARGV: channel, then the digests.
+FORGET_SCRIPT = """
+local removed = {}
+for i = 2, #ARGV do
+    if redis.call('HDEL', KEYS[1], ARGV[i]) == 1 then
+        redis.call('HDEL', KEYS[2], ARGV[i])
+        redis.call('HDEL', KEYS[3], ARGV[i])
+        redis.call('DEL', KEYS[i + 3])
+        removed[#removed + 1] = ARGV[i]
+    end
+end
+if #removed > 0 then
+    redis.call('INCR', KEYS[4])
+    redis.call('PUBLISH', ARGV[1], 'forget')
+end
+return removed
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class RedisLocation:
+    """A parsed redis:// or rediss:// URL. `shown` is the URL without credentials, for messages and logs."""
+
+    host: str
+    port: int
+    db: int
+    tls: bool
+    username: str | None = None
+    password: str | None = None
+
+    @property
+    def shown(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'rediss' if self.tls else 'redis'}://{host}:{self.port}/{self.db}"
+
+
+def parse_redis_url(url: str) -> RedisLocation:
+    """ValueError for a malformed URL, naming it without its password."""
+    shown = without_password(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port or DEFAULT_PORT
+    except ValueError as error:
+        raise ValueError(f"malformed store URL {shown!r}: {error}") from None
+    if parts.query or parts.fragment or "#" in url:
+        raise ValueError(f"malformed store URL {shown!r}: query strings and fragments are not supported")
+    if not parts.hostname:
+        raise ValueError(f"malformed store URL {shown!r}: expected redis://[:PASSWORD@]HOST[:PORT][/DB]")
+    db = parts.path.removeprefix("/")
+    if db and not (db.isascii() and db.isdigit()):
+        raise ValueError(f"malformed store URL {shown!r}: the path must be a database number, like /0")
+    return RedisLocation(
+        host=parts.hostname,
+        port=port,
+        db=int(db or 0),
+        tls=parts.scheme.lower() == "rediss",
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password is not None else None,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _History:
+    first_sighting: Sighting
+    first_seen: float
+    last_sighting: Sighting
+    last_seen: float
+
+
+def _encode_layer(layer: ForeignLayer) -> str:
+    return json.dumps([layer.media_type, layer.size, list(layer.urls), layer.diff_id], separators=(",", ":"))
+
+
+def _decode_layer(digest: str, text: str) -> ForeignLayer:
+    media_type, size, urls, diff_id = json.loads(text)
+    return ForeignLayer(digest, media_type, size, tuple(urls), diff_id)
+
+
+def _encode_history(history: _History) -> str:
+    first, last = history.first_sighting, history.last_sighting
+    return json.dumps(
+        [first.source, first.repository, first.manifest_digest, history.first_seen,
+         last.source, last.repository, last.manifest_digest, history.last_seen],
+        separators=(",", ":"),
+    )  # fmt: skip
+
+
+def _decode_history(text: str) -> _History:
+    values = json.loads(text)
+    return _History(Sighting(*values[0:3]), values[3], Sighting(*values[4:7]), values[7])
+
+
+def _outcomes_key(digest: str) -> str:
+    return f"{PREFIX}outcomes:{digest}"
+
+
+def _upload_key(repository: str, digest: str) -> str:
+    return f"{PREFIX}upload:{repository}@{digest}"
+
+
+class RedisStore:
+    """A store in one Redis database, shared by every process that names it.
+
+    Nothing connects until first use; a lost connection is re-opened by the next call, so calls fail
+    with StoreError while Redis is away and work again once it is back.
+    """
+
+    def __init__(self, location: RedisLocation, *, clock: Clock = time.time, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self._location = location
+        self._clock = clock
+        self._closed = False
+        self._client = redis.Redis(
+            host=location.host,
+            port=location.port,
+            db=location.db,
+            username=location.username,
+            password=location.password,
+            ssl=location.tls,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            # One quick retry re-opens a pooled connection that died with a Redis restart; more would
+            # only delay noticing an outage.
+            retry=Retry(NoBackoff(), 1),
+            decode_responses=True,
+            client_name="foreign-layer-proxy",
+        )
+        self._count_script = self._client.register_script(COUNT_SCRIPT)
+        self._forget_script = self._client.register_script(FORGET_SCRIPT)
+
+    @property
+    def location(self) -> RedisLocation:
+        return self._location
+
+    async def learn(self, layers: Sequence[ForeignLayer], sighting: Sighting) -> list[ForeignLayer]:
+        layers = tuple(layers)
+        digests = list(dict.fromkeys(layer.digest for layer in layers))
+        with self._backend_errors():
+            if not layers:
+                return []
+            async with self._client.pipeline(transaction=True) as pipe:
+                while True:
+                    try:
+                        return await self._learn(pipe, layers, digests, sighting)
+                    except WatchError:
+                        continue
+
+    async def _learn(
+        self, pipe: Pipeline, layers: tuple[ForeignLayer, ...], digests: list[str], sighting: Sighting
+    ) -> list[ForeignLayer]:
+        await pipe.watch(LAYERS, HISTORY)
+        stored_layers = cast(list[str | None], await pipe.hmget(LAYERS, digests))
+        stored_history = cast(list[str | None], await pipe.hmget(HISTORY, digests))
+        current = {
+            digest: (_decode_layer(digest, layer), _decode_history(history))
+            for digest, layer, history in zip(digests, stored_layers, stored_history, strict=True)
+            if layer is not None and history is not None
+        }
+        now = self._clock()
+        new_layers = []
+        for layer in layers:
+            if (entry := current.get(layer.digest)) is None:
+                current[layer.digest] = (layer, _History(sighting, now, sighting, now))
+                new_layers.append(layer)
+            else:
+                known, history = entry
+                current[layer.digest] = (
+                    with_gaps_filled(known, layer),
+                    replace(history, last_sighting=sighting, last_seen=now),
+                )
+        pipe.multi()  # type: ignore[no-untyped-call]
+        pipe.hset(LAYERS, mapping={digest: _encode_layer(current[digest][0]) for digest in digests})
+        pipe.hset(HISTORY, mapping={digest: _encode_history(current[digest][1]) for digest in digests})
+        pipe.incr(GENERATION)
+        pipe.publish(CHANNEL, "learn")
+        await pipe.execute()
+        return new_layers
+
+    async def known(self) -> dict[str, ForeignLayer]:
+        with self._backend_errors():
+            stored = cast(dict[str, str], await self._client.hgetall(LAYERS))
+            return {digest: _decode_layer(digest, text) for digest, text in stored.items()}
+
+    async def records(self) -> list[ForeignRecord]:
+        with self._backend_errors():
+            async with self._client.pipeline(transaction=True) as pipe:
+                for key in (LAYERS, HISTORY, BYTES_KEPT_OUT):
+                    pipe.hgetall(key)
+                layers, histories, kept_out = cast(list[dict[str, str]], await pipe.execute())
+            digests = sorted(digest for digest in layers if digest in histories)
+            async with self._client.pipeline(transaction=False) as pipe:
+                for digest in digests:
+                    pipe.hgetall(_outcomes_key(digest))
+                outcomes = cast(list[dict[str, str]], await pipe.execute())
+            records = []
+            for digest, counts in zip(digests, outcomes, strict=True):
+                history = _decode_history(histories[digest])
+                records.append(
+                    ForeignRecord(
+                        layer=_decode_layer(digest, layers[digest]),
+                        first_sighting=history.first_sighting,
+                        last_sighting=history.last_sighting,
+                        first_seen=history.first_seen,
+                        last_seen=history.last_seen,
+                        outcomes={outcome: int(count) for outcome, count in counts.items()},
+                        bytes_kept_out=int(kept_out.get(digest, 0)),
+                    )
+                )
+            return records
+
+    async def forget(self, digests: Iterable[str]) -> list[str]:
+        unique_digests = list(dict.fromkeys(digests))
+        with self._backend_errors():
+            if not unique_digests:
+                return []
+            removed: list[str] = await self._forget_script(
+                keys=[LAYERS, HISTORY, BYTES_KEPT_OUT, GENERATION, *map(_outcomes_key, unique_digests)],
+                args=[CHANNEL, *unique_digests],
+            )
+            return removed
+
+    async def count(self, digest: str, outcome: str, nbytes: int = 0) -> None:
+        with self._backend_errors():
+            await self._count_script(
+                keys=[LAYERS, _outcomes_key(digest), BYTES_KEPT_OUT, GENERATION],
+                args=[digest, outcome, nbytes, CHANNEL],
+            )
+
+    async def generation(self) -> int:
+        with self._backend_errors():
+            value = cast(str | None, await self._client.get(GENERATION))
+            return int(value or 0)
+
+    async def record_upload(self, repository: str, digest: str, ttl_seconds: float) -> None:
+        milliseconds = max(1, math.ceil(upload_expiry(0, ttl_seconds) * 1000))
+        with self._backend_errors():
+            await self._client.set(_upload_key(repository, digest), "1", px=milliseconds)
+
+    async def recent_uploads(self, repository: str, digests: Iterable[str]) -> set[str]:
+        unique_digests = list(dict.fromkeys(digests))
+        with self._backend_errors():
+            if not unique_digests:
+                return set()
+            keys = [_upload_key(repository, digest) for digest in unique_digests]
+            found = cast(list[str | None], await self._client.mget(keys))
+            return {digest for digest, value in zip(unique_digests, found, strict=True) if value is not None}
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with self._backend_errors(check_open=False):
+            await self._client.aclose()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"foreign-layer store {self._location.shown} is closed")
+
+    @contextmanager
+    def _backend_errors(self, *, check_open: bool = True) -> Iterator[None]:
+        if check_open:
+            self._check_open()
+        try:
+            yield
+        except (RedisError, OSError, ValueError) as error:
+            # ValueError: a record that is not ours (or not JSON) under one of our keys.
+            detail = " ".join(str(error).split()) or type(error).__name__
+            raise StoreError(f"foreign-layer store {self._location.shown}: {detail}") from error

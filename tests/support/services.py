@@ -1,0 +1,126 @@
+"""Shared services for replica tests: a real redis-server and haproxy, on free local ports, stopped by PID."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol, Self
+
+import redis
+
+from .processes import ManagedProcess, free_port, run_checked
+
+HOST = "127.0.0.1"
+
+
+class RedisServer:
+    """An in-memory redis-server: `stop()` then `start()` gives a fresh, empty server on the same port,
+    as a failover to a replica that had nothing would."""
+
+    def __init__(self, workdir: Path, *, password: str | None = None) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.password = password
+        command = [
+            "redis-server",
+            "--bind", HOST, "--port", str(self.port), "--dir", str(workdir),
+            "--save", "", "--appendonly", "no", "--daemonize", "no",
+        ]  # fmt: skip
+        if password is not None:
+            command += ["--requirepass", password]
+        self.process = ManagedProcess(command, log_path=workdir / "redis.log")
+
+    @property
+    def host_port(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def url(self, db: int = 0) -> str:
+        credentials = f":{self.password}@" if self.password is not None else ""
+        return f"redis://{credentials}{self.host_port}/{db}"
+
+    def start(self) -> Self:
+        self.process.start()
+        self.process.wait_for_port(HOST, self.port)
+        return self
+
+    def stop(self) -> None:
+        if self.process.running:
+            os.kill(self.process.pid, signal.SIGCONT)  # a paused server would not act on SIGTERM
+        self.process.stop()
+
+    def pause(self) -> None:
+        """Freeze the server: connections are still accepted by the kernel, but nothing answers."""
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.process.pid, signal.SIGCONT)
+
+    def client(self, db: int = 0) -> redis.Redis:
+        return redis.Redis(HOST, self.port, db=db, password=self.password, decode_responses=True, socket_timeout=10)
+
+    def flush(self, db: int = 0) -> None:
+        with self.client(db) as client:
+            client.flushdb()
+
+
+HAPROXY_CONFIG = """\
+global
+    maxconn 256
+
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+    # A new server connection per request, so that consecutive requests of one client really are
+    # balanced over the replicas (upload sessions included).
+    option http-server-close
+    http-reuse never
+
+frontend registry
+    bind {listen}
+    default_backend gateways
+
+backend gateways
+    balance roundrobin
+{servers}
+"""
+
+
+class Haproxy:
+    """haproxy balancing HTTP requests round-robin over `backends` ("host:port")."""
+
+    def __init__(self, workdir: Path, backends: Sequence[str]) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.config_path = workdir / "haproxy.cfg"
+        servers = "\n".join(f"    server replica{n} {backend}" for n, backend in enumerate(backends))
+        self.config_path.write_text(HAPROXY_CONFIG.format(listen=self.host_port, servers=servers))
+        self.process = ManagedProcess(["haproxy", "-db", "-f", self.config_path], log_path=workdir / "haproxy.log")
+
+    @property
+    def host_port(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host_port}"
+
+    def start(self) -> Self:
+        run_checked(["haproxy", "-c", "-q", "-f", self.config_path], timeout=30)
+        self.process.start()
+        self.process.wait_for_port(HOST, self.port)
+        return self
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+class RedisFactory(Protocol):
+    def __call__(self, *, password: str | None = None) -> RedisServer: ...
+
+
+class HaproxyFactory(Protocol):
+    def __call__(self, backends: Sequence[str]) -> Haproxy: ...
