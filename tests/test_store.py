@@ -7,6 +7,7 @@ import os
 import sqlite3
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,6 +19,7 @@ from support.services import RedisServer
 
 from proxy.manifests import ForeignLayer
 from proxy.store import (
+    Clock,
     ForeignRecord,
     ForeignStore,
     MemoryStore,
@@ -33,6 +35,7 @@ FOREIGN_GZIP = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
 NONDISTRIBUTABLE = "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
 START = 1_700_000_000.0
 BACKENDS = ("memory", "sqlite", "redis")
+SHARED_BACKENDS = ("sqlite", "redis")
 RUNNING_AS_ROOT = os.geteuid() == 0
 
 WRITER_PROCESS = """
@@ -75,14 +78,26 @@ class FakeClock:
 
 @dataclass(frozen=True, slots=True)
 class Backend:
+    """A kind of store; SQLite keeps it at the test's `path`, Redis in the session's server."""
+
     name: str
     redis: RedisServer | None = None
 
-    def open(self, path: Path, clock: FakeClock) -> ForeignStore:
-        """A new, empty store (for Redis: the shared server's database, flushed)."""
+    def url(self, path: Path) -> str:
+        if self.redis is not None:
+            return self.redis.url()
+        return "memory://" if self.name == "memory" else f"sqlite://{path}"
+
+    def open(self, path: Path, clock: Clock = time.time) -> ForeignStore:
+        """A new, empty store."""
         if self.redis is not None:
             self.redis.flush()
-            return RedisStore(parse_redis_url(self.redis.url()), clock=clock)
+        return self.connect(path, clock)
+
+    def connect(self, path: Path, clock: Clock = time.time) -> ForeignStore:
+        """Another handle on the store `open` made (for memory://, a store of its own)."""
+        if self.redis is not None:
+            return RedisStore(parse_redis_url(self.url(path)), clock=clock)
         if self.name == "memory":
             return MemoryStore(clock=clock)
         return SqliteStore(path, clock=clock)
@@ -125,13 +140,6 @@ def elapse(backend: Backend, clock: FakeClock) -> Elapse:
             await asyncio.sleep(seconds)
 
     return elapse
-
-
-@pytest.fixture
-async def sqlite_store(db_path: Path) -> AsyncIterator[SqliteStore]:
-    store = SqliteStore(db_path)
-    yield store
-    await store.close()
 
 
 async def test_learn_returns_only_layers_new_to_the_store(store: ForeignStore) -> None:
@@ -398,8 +406,9 @@ async def test_everything_survives_close_and_reopen(db_path: Path, clock: FakeCl
     await reopened.close()
 
 
-async def test_two_stores_on_one_file_see_each_others_writes(db_path: Path) -> None:
-    gateway, cli = SqliteStore(db_path), SqliteStore(db_path)
+@pytest.mark.parametrize("backend", SHARED_BACKENDS, indirect=True)
+async def test_two_stores_on_one_backend_see_each_others_writes(backend: Backend, db_path: Path) -> None:
+    gateway, cli = backend.open(db_path), backend.connect(db_path)
     try:
         seen = await gateway.generation()
         await cli.learn([layer(1)], Sighting("learn"))
@@ -420,12 +429,12 @@ async def test_two_stores_on_one_file_see_each_others_writes(db_path: Path) -> N
         await cli.close()
 
 
-async def learn_in_another_process(db_path: Path, digests: list[str]) -> None:
+async def learn_in_another_process(url: str, digests: list[str]) -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
         WRITER_PROCESS,
-        f"sqlite://{db_path}",
+        url,
         *digests,
         cwd=PROJECT_ROOT,
         stderr=asyncio.subprocess.PIPE,
@@ -434,25 +443,27 @@ async def learn_in_another_process(db_path: Path, digests: list[str]) -> None:
     assert process.returncode == 0, stderr.decode()
 
 
-async def test_a_write_from_another_process_changes_the_generation(sqlite_store: SqliteStore) -> None:
-    await sqlite_store.learn([layer(1)], Sighting("learn"))
-    seen = await sqlite_store.generation()
+@pytest.mark.parametrize("backend", SHARED_BACKENDS, indirect=True)
+async def test_a_write_from_another_process_changes_the_generation(store: ForeignStore, backend: Backend, db_path: Path) -> None:
+    await store.learn([layer(1)], Sighting("learn"))
+    seen = await store.generation()
 
-    await learn_in_another_process(sqlite_store.path, [digest(2)])
+    await learn_in_another_process(backend.url(db_path), [digest(2)])
 
-    assert await sqlite_store.generation() != seen
-    assert set(await sqlite_store.known()) == {digest(1), digest(2)}
+    assert await store.generation() != seen
+    assert set(await store.known()) == {digest(1), digest(2)}
 
 
-async def test_processes_writing_at_once_to_a_new_file_lose_nothing(db_path: Path) -> None:
+@pytest.mark.parametrize("backend", SHARED_BACKENDS, indirect=True)
+async def test_processes_writing_at_once_to_a_new_store_lose_nothing(backend: Backend, db_path: Path) -> None:
+    store = backend.open(db_path)  # touches nothing yet: the SQLite file is created by the writers
     batches = [[digest(batch * 100 + n) for n in range(25)] for batch in range(4)]
 
     failures = await asyncio.gather(
-        *(learn_in_another_process(db_path, batch) for batch in batches), return_exceptions=True
+        *(learn_in_another_process(backend.url(db_path), batch) for batch in batches), return_exceptions=True
     )
     assert [failure for failure in failures if failure is not None] == []
 
-    store = SqliteStore(db_path)
     assert set(await store.known()) == {digest for batch in batches for digest in batch}
     assert await store.generation() == 100
     await store.close()
