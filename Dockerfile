@@ -17,7 +17,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     FOREIGN_LAYER_PROXY_STORE_URL=sqlite:////var/lib/foreign-layer-proxy/foreign-layers.db
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-index --find-links=/wheels /wheels/foreign_layer_proxy-*.whl \
-    && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin foreign-layer-proxy \
+    && groupadd --system --gid 10001 foreign-layer-proxy \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin foreign-layer-proxy \
     && install -d -o foreign-layer-proxy -g foreign-layer-proxy /var/lib/foreign-layer-proxy
 COPY config/foreign-layer-proxy.yaml /etc/foreign-layer-proxy/config.yaml
 VOLUME /var/lib/foreign-layer-proxy

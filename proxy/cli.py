@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import TextIO
 
 from aiohttp import web
 
@@ -27,12 +28,19 @@ from proxy.app import (
     runner_for,
     server_ssl_context,
 )
-from proxy.config import Address, ConfigError, Settings, load_settings
+from proxy.config import Address, ConfigError, Settings, load_settings, state_dir
 from proxy.logs import configure_logging, log_event
 from proxy.manifests import ForeignClassifier, is_digest
 from proxy.policy import Action
 from proxy.registry_client import RegistryAccess
-from proxy.sources import SourceError, collect
+from proxy.sources import (
+    Found,
+    ScannedRepository,
+    SourceError,
+    collect,
+    parse_registry_root,
+    scan,
+)
 from proxy.store import ForeignStore, StoreError, open_store
 
 logger = logging.getLogger("foreign_layer_proxy")
@@ -65,8 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     learn = commands.add_parser("learn", help="record the foreign layers of images")
     _store_options(learn)
-    learn.add_argument("sources", nargs="+", metavar="SOURCE",
+    learn.add_argument("sources", nargs="*", metavar="SOURCE",
                        help="manifest file, dir:PATH, oci:PATH, or docker://HOST/REPO:TAG|@DIGEST")
+    learn.add_argument("--scan", metavar="docker://HOST[:PORT]/",
+                       help="walk a registry's catalog, every tag of every repository (resumable)")
+    learn.add_argument("--repository", action="append", default=[], metavar="GLOB",
+                       help="with --scan: only repositories matching GLOB (repeatable; ** crosses /)")
+    learn.add_argument("--concurrency", type=int, default=4, help="with --scan: repositories scanned at once")
+    learn.add_argument("--restart", action="store_true", help="with --scan: ignore the progress of an earlier run")
     learn.add_argument("--insecure", action="store_true", help="plain HTTP or unverified TLS to the registry")
     learn.add_argument("--ca-file", type=Path, help="CA bundle for the registry's certificate")
     learn.add_argument("--username")
@@ -160,6 +174,8 @@ async def serve(load: Callable[[], Settings]) -> None:
 
 
 async def learn(settings: Settings, args: argparse.Namespace, store: ForeignStore) -> None:
+    if not args.sources and not args.scan:
+        raise ConfigError("learn needs a SOURCE or --scan docker://HOST/")
     classifier = ForeignClassifier(settings.foreign.all_media_types, settings.foreign.urls_mark_foreign)
     try:
         access = RegistryAccess.from_environment(
@@ -169,18 +185,95 @@ async def learn(settings: Settings, args: argparse.Namespace, store: ForeignStor
         raise ConfigError(f"REGISTRY_AUTH: {error}") from None
     for source in args.sources:
         found = await collect(source, classifier, access)
-        new_digests: set[str] = set()
-        for item in found:
-            new_digests.update(layer.digest for layer in await store.learn([item.layer], item.sighting))
-        for item in found:
-            layer = item.layer
-            status = "new" if layer.digest in new_digests else "known"
-            if args.json:
-                print(json.dumps({**asdict(layer), "status": status, "source": source}))
-            else:
-                print(f"{status:<5} {layer.digest} {layer.media_type} {layer.size} {source}")
+        await record(store, found, source, args.json)
         if not found:
             print(f"no foreign layers in {source}", file=sys.stderr)
+    if args.scan:
+        await scan_registry(store, args, classifier, access)
+
+
+async def record(store: ForeignStore, found: Sequence[Found], source: str, as_json: bool) -> int:
+    """Learn and print what a source holds; returns how many digests were new to the store."""
+    new_digests: set[str] = set()
+    for item in found:
+        new_digests.update(layer.digest for layer in await store.learn([item.layer], item.sighting))
+    for item in found:
+        layer = item.layer
+        status = "new" if layer.digest in new_digests else "known"
+        if as_json:
+            print(json.dumps({**asdict(layer), "status": status, "source": source}))
+        else:
+            print(f"{status:<5} {layer.digest} {layer.media_type} {layer.size} {source}")
+    return len(new_digests)
+
+
+async def scan_registry(
+    store: ForeignStore, args: argparse.Namespace, classifier: ForeignClassifier, access: RegistryAccess
+) -> None:
+    progress_file = state_dir() / f"scan-{parse_registry_root(args.scan).replace(':', '_')}.json"
+    done = set() if args.restart else read_progress(progress_file)
+    progress = ScanProgress(sys.stderr, already_done=len(done))
+    async for result in scan(
+        args.scan, classifier, access, patterns=tuple(args.repository), skip=frozenset(done),
+        concurrency=max(1, args.concurrency),
+    ):  # fmt: skip
+        source = f"{args.scan.rstrip('/')}/{result.repository}"
+        new = await record(store, result.found, source, args.json)
+        progress.repository_done(result, new)
+        if result.error is None:
+            done.add(result.repository)
+            write_progress(progress_file, done)
+    progress.finish()
+    if progress.failed:
+        raise SourceError(f"{args.scan}: {progress.failed} repositories could not be read; run again to resume")
+    progress_file.unlink(missing_ok=True)
+
+
+def read_progress(path: Path) -> set[str]:
+    try:
+        return set(json.loads(path.read_text())["done"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def write_progress(path: Path, done: set[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps({"done": sorted(done)}))
+    temporary.replace(path)
+
+
+class ScanProgress:
+    """A progress bar on a terminal, one plain line per repository otherwise."""
+
+    def __init__(self, stream: TextIO, already_done: int):
+        self.stream = stream
+        self.interactive = stream.isatty()
+        self.scanned = already_done
+        self.failed = 0
+        self.learned = 0
+        if already_done:
+            print(f"resuming: {already_done} repositories already scanned", file=stream)
+
+    def repository_done(self, result: ScannedRepository, new: int) -> None:
+        self.scanned += 1
+        self.learned += new
+        self.failed += result.error is not None
+        line = (
+            f"{result.repository}: {result.manifests} manifests, {len(result.found)} foreign, {new} new"
+            if result.error is None
+            else f"{result.repository}: failed: {result.error}"
+        )
+        if self.interactive:
+            self.stream.write(f"\r\033[K[{self.scanned} scanned, {self.learned} new] {line[:100]}")
+        else:
+            self.stream.write(f"scanned {line}\n")
+        self.stream.flush()
+
+    def finish(self) -> None:
+        end = "\n" if self.interactive else ""
+        self.stream.write(f"{end}scan done: {self.scanned} repositories, {self.learned} new foreign digests, "
+                          f"{self.failed} failed\n")
 
 
 async def list_digests(store: ForeignStore, as_json: bool) -> None:

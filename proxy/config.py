@@ -154,9 +154,12 @@ def parse_store_url(value: object) -> str:
     return text
 
 
+def state_dir() -> Path:
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "foreign-layer-proxy"
+
+
 def default_store_url() -> str:
-    state_home = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
-    return f"sqlite:///{state_home / 'foreign-layer-proxy' / 'foreign-layers.db'}"
+    return f"sqlite:///{state_dir() / 'foreign-layers.db'}"
 
 
 def parsed_by(parse: Callable[[object], Any]) -> dict[str, Callable[[object], Any]]:

@@ -6,6 +6,7 @@ import asyncio
 import ipaddress
 import re
 from collections import deque
+from collections.abc import AsyncIterator
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from proxy.manifests import (
     parse_diff_ids,
     parse_manifest,
 )
+from proxy.policy import glob_to_regex
 from proxy.registry_client import (
     RegistryAccess,
     RegistryClient,
@@ -43,6 +45,7 @@ DIR_PREFIX = "dir:"
 OCI_PREFIX = "oci:"
 REGISTRY_PREFIX = "docker://"
 REGISTRY_FORM = "docker://HOST[:PORT]/REPOSITORY[:TAG|@DIGEST]"
+CATALOG_PAGE_SIZE = 100
 
 _HOST_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
 AUTHORITY = re.compile(
@@ -260,3 +263,70 @@ async def _read_file(path: Path, limit: int, described: str) -> bytes:
     if len(data) > limit:
         raise SourceError(f"{described}: larger than {limit} bytes")
     return data
+
+
+@dataclass(frozen=True, slots=True)
+class ScannedRepository:
+    repository: str
+    found: list[Found]
+    manifests: int
+    error: str | None = None
+
+
+def parse_registry_root(source: str) -> str:
+    """The authority of `docker://HOST[:PORT][/]`, the form `learn --scan` takes."""
+    authority = source.removeprefix(REGISTRY_PREFIX).rstrip("/")
+    if not source.startswith(REGISTRY_PREFIX) or not _is_authority(authority):
+        raise SourceError(f"{source}: expected docker://HOST[:PORT]/ for a scan")
+    return authority
+
+
+async def scan(
+    source: str,
+    classifier: ForeignClassifier,
+    access: RegistryAccess,
+    *,
+    patterns: tuple[str, ...],
+    skip: frozenset[str],
+    concurrency: int,
+) -> AsyncIterator[ScannedRepository]:
+    """Every repository of a registry's catalog matching `patterns` (all when empty), except `skip`,
+    with the foreign layers of all its tags; at most `concurrency` repositories at a time."""
+    matchers = [glob_to_regex(pattern) for pattern in patterns]
+    try:
+        base_url = await registry_url(parse_registry_root(source), access)
+        async with RegistryClient(base_url, access) as client:
+            repositories = [
+                name async for name in client.catalog(CATALOG_PAGE_SIZE)
+                if name not in skip and (not matchers or any(m.fullmatch(name) for m in matchers))
+            ]  # fmt: skip
+            limit = asyncio.Semaphore(concurrency)
+
+            async def scan_one(repository: str) -> ScannedRepository:
+                async with limit:
+                    return await _scan_repository(client, repository, classifier)
+
+            for done in asyncio.as_completed([scan_one(name) for name in repositories]):
+                yield await done
+    except RegistryError as error:
+        raise SourceError(f"{source}: {error}") from error
+
+
+async def _scan_repository(client: RegistryClient, repository: str, classifier: ForeignClassifier) -> ScannedRepository:
+    images = RegistryImages(client, repository)
+    found: dict[str, Found] = {}
+    seen_manifests: set[str] = set()
+    try:
+        async for tag in client.tags(repository):
+            top = await client.get_manifest(repository, tag)
+            if top.digest in seen_manifests:
+                continue
+            seen_manifests.add(top.digest)
+            with suppress(SourceError):
+                for item in await _collect(
+                    f"{repository}:{tag}", images, top.body, top.content_type, classifier, repository=repository
+                ):
+                    found.setdefault(item.layer.digest, item)
+    except RegistryError as error:
+        return ScannedRepository(repository, list(found.values()), len(seen_manifests), str(error))
+    return ScannedRepository(repository, list(found.values()), len(seen_manifests))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import sys
@@ -13,9 +14,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
+import redis
+import redis.asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support.services import RedisServer
+from support.processes import free_port
+from support.services import RedisFactory, RedisServer
 
 from proxy.manifests import ForeignLayer
 from proxy.store import (
@@ -28,7 +32,13 @@ from proxy.store import (
     StoreError,
     open_store,
 )
-from proxy.store_redis import RedisStore, parse_redis_url
+from proxy.store_redis import (
+    CHANNEL,
+    LAYERS,
+    RedisLocation,
+    RedisStore,
+    parse_redis_url,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 FOREIGN_GZIP = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
@@ -311,6 +321,44 @@ async def test_concurrent_calls_on_one_store_all_land(store: ForeignStore) -> No
     assert [record.outcomes for record in (await store.records())[:4]] == [{"dropped": 10}] * 4
 
 
+async def test_uploads_are_recent_per_repository_until_their_time_runs_out(store: ForeignStore, elapse: Elapse) -> None:
+    await store.record_upload("team/app", digest(1), ttl_seconds=0.3)
+    await store.record_upload("team/app", digest(2), ttl_seconds=60)
+    await store.record_upload("team/other", digest(3), ttl_seconds=60)
+    asked = [digest(1), digest(2), digest(3), digest(9), digest(1)]
+
+    assert await store.recent_uploads("team/app", asked) == {digest(1), digest(2)}
+    await elapse(0.6)
+    assert await store.recent_uploads("team/app", iter(asked)) == {digest(2)}
+    assert await store.recent_uploads("team/other", asked) == {digest(3)}
+    assert await store.recent_uploads("team/app", []) == set()
+
+
+async def test_recording_an_upload_again_restarts_its_time(store: ForeignStore, elapse: Elapse) -> None:
+    await store.record_upload("team/app", digest(1), ttl_seconds=0.5)
+    await elapse(0.3)
+    await store.record_upload("team/app", digest(1), ttl_seconds=0.5)
+    await elapse(0.3)
+
+    assert await store.recent_uploads("team/app", [digest(1)]) == {digest(1)}
+
+
+@pytest.mark.parametrize("ttl", [0, -1.0, float("nan")])
+async def test_an_upload_needs_a_positive_time_to_live(store: ForeignStore, ttl: float) -> None:
+    with pytest.raises(ValueError, match="ttl_seconds must be positive"):
+        await store.record_upload("team/app", digest(1), ttl)
+
+
+async def test_upload_records_leave_the_layer_records_alone(store: ForeignStore) -> None:
+    await store.learn([layer(1)], Sighting("learn"))
+    records = await store.records()
+
+    await store.record_upload("team/app", digest(1), 60)
+
+    assert await store.records() == records
+    assert await store.known() == {digest(1): layer(1)}
+
+
 @dataclass(frozen=True, slots=True)
 class Learn:
     layers: tuple[ForeignLayer, ...]
@@ -444,7 +492,9 @@ async def learn_in_another_process(url: str, digests: list[str]) -> None:
 
 
 @pytest.mark.parametrize("backend", SHARED_BACKENDS, indirect=True)
-async def test_a_write_from_another_process_changes_the_generation(store: ForeignStore, backend: Backend, db_path: Path) -> None:
+async def test_a_write_from_another_process_changes_the_generation(
+    store: ForeignStore, backend: Backend, db_path: Path
+) -> None:
     await store.learn([layer(1)], Sighting("learn"))
     seen = await store.generation()
 
@@ -610,3 +660,182 @@ def test_open_store_refuses_bad_urls_with_a_one_line_message(url: str) -> None:
     message = str(refused.value)
     assert repr(url) in message
     assert "\n" not in message
+
+
+async def test_expired_uploads_are_purged_by_later_records(db_path: Path, clock: FakeClock) -> None:
+    store = SqliteStore(db_path, clock=clock)
+    for number in range(5):
+        await store.record_upload("team/app", digest(number), ttl_seconds=1)
+    clock.now += 2
+    await store.record_upload("team/app", digest(9), ttl_seconds=1)
+    await store.close()
+
+    with contextlib.closing(sqlite3.connect(db_path)) as connection:
+        assert connection.execute("SELECT digest FROM uploads").fetchall() == [(digest(9),)]
+
+
+async def test_a_version_1_file_gains_upload_records_and_keeps_its_layers(db_path: Path) -> None:
+    store = SqliteStore(db_path)
+    await store.learn([layer(1)], Sighting("learn"))
+    await store.close()
+    with contextlib.closing(sqlite3.connect(db_path)) as connection:
+        connection.executescript("DROP TABLE uploads; PRAGMA user_version = 1;")
+
+    upgraded = SqliteStore(db_path)
+    await upgraded.record_upload("team/app", digest(1), ttl_seconds=60)
+    assert await upgraded.recent_uploads("team/app", [digest(1)]) == {digest(1)}
+    assert await upgraded.known() == {digest(1): layer(1)}
+    await upgraded.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "expected", "shown"),
+    [
+        ("redis://cache.example", RedisLocation("cache.example", 6379, 0, tls=False), "redis://cache.example:6379/0"),
+        ("redis://cache.example:6380/3", RedisLocation("cache.example", 6380, 3, tls=False), None),
+        (
+            "rediss://:s3cret@cache.example/1",
+            RedisLocation("cache.example", 6379, 1, tls=True, password="s3cret"),
+            "rediss://cache.example:6379/1",
+        ),
+        (
+            "redis://proxy:p%40ss%2Fword@10.0.0.5:7000/",
+            RedisLocation("10.0.0.5", 7000, 0, tls=False, username="proxy", password="p@ss/word"),
+            "redis://10.0.0.5:7000/0",
+        ),
+        ("REDIS://[::1]:6379/2", RedisLocation("::1", 6379, 2, tls=False), "redis://[::1]:6379/2"),
+    ],
+)
+def test_open_store_reads_redis_urls(url: str, expected: RedisLocation, shown: str | None) -> None:
+    store = open_store(url)
+    assert isinstance(store, RedisStore)
+    assert store.location == expected
+    assert shown is None or expected.shown == shown
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://",
+        "redis://:s3cret@",
+        "redis://:s3cret@cache.example:port/0",
+        "redis://:s3cret@cache.example:99999/0",
+        "redis://:s3cret@cache.example/zero",
+        "redis://:s3cret@cache.example/0/1",
+        "redis://:s3cret@cache.example/0?ssl_cert_reqs=none",
+        "redis://:s3cret@cache.example/0#fragment",
+        "redis+sentinel://:s3cret@cache.example/0",
+        "redis://user:s3cret@cache.example\n/0",
+    ],
+)
+def test_open_store_refuses_bad_redis_urls_without_showing_the_password(url: str) -> None:
+    with pytest.raises(ValueError) as refused:
+        open_store(url)
+    message = str(refused.value)
+    assert "store URL" in message
+    assert "s3cret" not in message
+    assert "\n" not in message
+
+
+OFFLINE_CALLS = {name: call for name, call in FIRST_CALLS.items() if name != "learn-nothing"}
+
+
+@pytest.mark.parametrize("first_call", OFFLINE_CALLS.values(), ids=OFFLINE_CALLS.keys())
+async def test_an_unreachable_redis_fails_each_call_with_a_one_line_store_error(
+    first_call: Callable[[ForeignStore], Awaitable[object]],
+) -> None:
+    port = free_port()
+    store = open_store(f"redis://:s3cret@127.0.0.1:{port}/0")
+
+    with pytest.raises(StoreError) as failed:
+        await first_call(store)
+    message = str(failed.value)
+    assert message.startswith(f"foreign-layer store redis://127.0.0.1:{port}/0: ")
+    assert "s3cret" not in message and "\n" not in message
+    await store.close()
+
+
+async def test_a_store_works_again_once_redis_is_back_even_empty(redis_factory: RedisFactory) -> None:
+    server = redis_factory(password="s3cret")
+    store = open_store(server.url())
+    await store.learn([layer(1)], Sighting("learn"))
+    await store.count(digest(1), "dropped")
+
+    server.stop()
+    with pytest.raises(StoreError, match=f"redis://{server.host_port}/0: .*refused"):
+        await store.known()
+    with pytest.raises(StoreError):
+        await store.count(digest(1), "dropped")
+    server.start()  # empty, like a failover to a replica that had nothing
+
+    assert (await store.known(), await store.generation()) == ({}, 0)
+    await store.learn([layer(2)], Sighting("learn"))
+    await store.count(digest(2), "dropped", 5)  # its script is loaded again
+    assert [(record.layer, record.outcomes) for record in await store.records()] == [(layer(2), {"dropped": 1})]
+    await store.close()
+
+
+async def test_a_redis_that_stops_answering_fails_calls_after_the_short_timeout(redis_factory: RedisFactory) -> None:
+    server = redis_factory()
+    store = RedisStore(parse_redis_url(server.url()), timeout=0.3)
+    await store.learn([layer(1)], Sighting("learn"))
+
+    server.pause()
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreError, match=f"redis://{server.host_port}/0: Timeout"):
+            await store.known()
+        waited = time.monotonic() - started
+    finally:
+        server.resume()
+
+    assert waited < 5
+    assert await store.known() == {digest(1): layer(1)}
+    await store.close()
+
+
+async def test_a_wrong_password_is_a_store_error_that_shows_no_password(redis_factory: RedisFactory) -> None:
+    server = redis_factory(password="right-s3cret")
+    store = open_store(f"redis://:wrong-s3cret@{server.host_port}/0")
+
+    with pytest.raises(StoreError, match=f"redis://{server.host_port}/0: ") as failed:
+        await store.generation()
+    assert "s3cret" not in str(failed.value)
+    await store.close()
+
+
+@pytest.mark.parametrize(
+    "intrusion",
+    [
+        pytest.param(lambda client: client.set(LAYERS, "a string where a hash belongs"), id="wrong-type"),
+        pytest.param(lambda client: client.hset(LAYERS, digest(1), "not json"), id="not-json"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["redis"], indirect=True)
+async def test_foreign_data_under_the_stores_keys_is_a_store_error(
+    store: ForeignStore, backend: Backend, intrusion: Callable[[redis.Redis], object]
+) -> None:
+    assert backend.redis is not None
+    with backend.redis.client() as client:
+        intrusion(client)
+
+    with pytest.raises(StoreError, match=backend.redis.host_port):
+        await store.known()
+
+
+@pytest.mark.parametrize("backend", ["redis"], indirect=True)
+async def test_every_change_is_published(store: ForeignStore, backend: Backend) -> None:
+    assert backend.redis is not None
+    listener = redis.asyncio.Redis.from_url(backend.redis.url(), decode_responses=True)
+    async with listener.pubsub() as subscription:
+        await subscription.subscribe(CHANNEL)
+        for change in (*WRITES.values(), *NO_CHANGES.values()):
+            await change(store)
+        messages = []
+        deadline = time.monotonic() + 1
+        while time.monotonic() < deadline:
+            if message := await subscription.get_message(ignore_subscribe_messages=True, timeout=0.1):
+                messages.append(message["data"])
+    await listener.aclose()
+
+    assert messages == ["learn", "learn", "forget", "count"]
