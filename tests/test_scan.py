@@ -80,7 +80,7 @@ async def test_scan_filters_repositories_and_resumes(
     progress = tmp_path / "foreign-layer-proxy" / f"scan-{registry.host_port.replace(':', '_')}.json"
     progress.parent.mkdir(parents=True)
     progress.write_text(json.dumps({"done": ["team0/app0"]}))
-    status, stdout, stderr = await learn(
+    status, _, stderr = await learn(
         store, tmp_path, "--scan", f"docker://{registry.host_port}/", "--repository", "team0/**", "--repository", "team1/*"
     )
     assert status == 0, stderr
