@@ -26,7 +26,7 @@ STREAM_BUFFER_BYTES = 256 * 1024
 # Headers aiohttp would otherwise add on its own; the upstream sees only what the client sent.
 SKIPPED_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
-Body = aiohttp.StreamReader | bytes | None
+Body = aiohttp.StreamReader | AsyncIterator[bytes] | bytes | None
 
 
 class StreamAborted(Exception):

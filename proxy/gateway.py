@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import OrderedDict
+from dataclasses import replace
 
 from aiohttp import ClientResponse, HttpVersion11, web
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from proxy.cleanup import Cleaner
 from proxy.config import Settings
@@ -15,6 +17,7 @@ from proxy.errors import (
     FOREIGN_LAYER_DENIED,
     FOREIGN_LAYER_MISUSED,
     MANIFEST_TOO_LARGE,
+    UPSTREAM_BROKEN,
     GatewayError,
     add_foreign_layer_hint,
 )
@@ -27,6 +30,7 @@ from proxy.headers import (
     upstream_request_headers,
     without_body_headers,
 )
+from proxy.inspection import LayerInspector, UploadInspections, inspected
 from proxy.known import KnownForeign
 from proxy.logs import log_event
 from proxy.manifests import (
@@ -41,7 +45,7 @@ from proxy.manifests import (
 )
 from proxy.metrics import Metrics
 from proxy.policy import Action, Decision, ManifestReview, Policy, review_manifest
-from proxy.routes import RouteKind, RouteMatch
+from proxy.routes import RouteKind, RouteMatch, split_query_parameter, with_query_items
 from proxy.store import Sighting
 
 logger = logging.getLogger("foreign_layer_proxy.gateway")
@@ -112,6 +116,7 @@ class Gateway:
         self.known = known
         self.metrics = metrics
         self.cleaner = cleaner
+        self.inspections = UploadInspections(settings.policy.leak_window)
         self.seen_manifests = SeenManifests()
         self.settings = settings
         self.policy = settings.policy.policy
@@ -125,20 +130,69 @@ class Gateway:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         route = request[ROUTE]
         decision = self.decide(request, route, self.policy)
+        if decision is None and self.settings.policy.inspect_content and route.kind is RouteKind.UPLOAD_SESSION:
+            return await self.forward_inspected(request, route)
         if decision is not None:
-            request[DECISION] = decision
-            self.record(request, decision)
-            if decision.action.blocks:
-                return await self.enforce(request, route, decision)
+            return await self.apply(request, route, decision)
         if route.kind is RouteKind.MANIFEST and request.method == "PUT":
             return await self.forward_manifest_put(request, route)
         if route.kind is RouteKind.MANIFEST and request.method == "GET":
             return await self.forward_manifest_get(request, route)
-        response = await self.forward(request)
+        return self.remember_upload(request, route, await self.forward(request))
+
+    async def apply(self, request: web.Request, route: RouteMatch, decision: Decision) -> web.StreamResponse:
+        request[DECISION] = decision
+        self.record(request, decision)
+        if decision.action.blocks:
+            return await self.enforce(request, route, decision)
+        return self.remember_upload(request, route, await self.forward(request))
+
+    def remember_upload(self, request: web.Request, route: RouteMatch, response: web.StreamResponse) -> web.StreamResponse:
+        """Completed uploads are remembered for a while, for leak detection at manifest time."""
         if response.status == 201 and route.repository and route.kind in PUSH_DIGEST_PARAMETERS:
             for digest in self.pushed_digests(request, route.kind):
                 self.known.record_upload(route.repository, digest, self.settings.policy.leak_window)
         return response
+
+    async def forward_inspected(self, request: web.Request, route: RouteMatch) -> web.StreamResponse:
+        """An upload session's request with its content inspected: PATCH bodies pass through the session's
+        inspector; a closing PUT is decided on the blob's diff_id before the registry may commit it."""
+        session = route.reference or ""
+        if request.method == "PATCH" and request.body_exists:
+            inspector = self.inspections.session(session)
+            await send_continue(request)
+            body = inspected(request.content, inspector)
+            async with self.upstream.open("PATCH", request.raw_path, self.upstream_headers(request), body) as upstream:
+                return await self.respond(request, upstream, None)
+        digests = self.pushed_digests(request, route.kind) if request.method == "PUT" else []
+        if not digests or route.repository is None:
+            return await self.forward(request)
+        inspector = self.inspections.finish(session) or LayerInspector()
+        target = await self.append_body(request, inspector) if request.body_exists else request.raw_path
+        decision = self.policy.decide(route.repository, [inspector.diff_id() or ""], {}, self.known.diff_ids)
+        if decision is not None:
+            layer = replace(decision.layer, digest=digests[0], size=inspector.size)
+            self.known.learn([layer], Sighting("inspection", route.repository))
+            decision = request[DECISION] = replace(decision, layer=layer)
+            self.record(request, decision)
+            if decision.action.blocks:
+                return await self.enforce(request, route, decision, session_target=target)
+        headers = without_body_headers(self.upstream_headers(request))
+        async with self.upstream.open("PUT", target, headers) as upstream:
+            return self.remember_upload(request, route, await self.respond(request, upstream, None))
+
+    async def append_body(self, request: web.Request, inspector: LayerInspector) -> str:
+        """Send a closing PUT's body as a PATCH of the session, so that the decision comes before the commit;
+        returns the target of the PUT that closes the session."""
+        await send_continue(request)
+        session_target, digest_items = split_query_parameter(request.raw_path, "digest")
+        body = inspected(request.content, inspector)
+        async with self.upstream.open("PATCH", session_target, self.upstream_headers(request), body) as upstream:
+            await upstream.read()
+            location = upstream.headers.get("Location")
+        if upstream.status != 202 or location is None:
+            raise GatewayError(UPSTREAM_BROKEN, f"upstream answered the upload's body with {upstream.status}")
+        return with_query_items(URL(location, encoded=True).raw_path_qs, digest_items)
 
     # Decisions
 
@@ -151,7 +205,7 @@ class Gateway:
             digests = self.pushed_digests(request, route.kind)
         else:
             return None
-        return policy.decide(route.repository, digests, self.known.layers)
+        return policy.decide(route.repository, digests, self.known.layers, self.known.diff_ids)
 
     @staticmethod
     def pushed_digests(request: web.Request, kind: RouteKind) -> list[str]:
@@ -177,7 +231,9 @@ class Gateway:
         self.metrics.decisions.labels(decision.action.outcome, decision.rule).inc()
         self.metrics.bytes_kept_out.inc(kept_out)
 
-    async def enforce(self, request: web.Request, route: RouteMatch, decision: Decision) -> web.StreamResponse:
+    async def enforce(
+        self, request: web.Request, route: RouteMatch, decision: Decision, session_target: str | None = None
+    ) -> web.StreamResponse:
         layer = decision.layer
         if request.method == "HEAD":
             return web.Response(
@@ -189,7 +245,7 @@ class Gateway:
                 },
             )
         if route.kind is RouteKind.UPLOAD_SESSION:
-            await self.cancel_upload(request)
+            await self.cancel_upload(request, session_target or request.raw_path)
         if decision.action is Action.REJECT:
             raise GatewayError(
                 FOREIGN_LAYER_DENIED,
@@ -214,11 +270,11 @@ class Gateway:
             },
         )
 
-    async def cancel_upload(self, request: web.Request) -> None:
+    async def cancel_upload(self, request: web.Request, session_target: str) -> None:
         """Abort the upstream session of a dropped or rejected upload, so the registry never commits it."""
         try:
             headers = without_body_headers(self.upstream_headers(request))
-            async with self.upstream.open("DELETE", request.raw_path, headers) as response:
+            async with self.upstream.open("DELETE", session_target, headers) as response:
                 await response.read()
                 status = response.status
         except GatewayError as error:

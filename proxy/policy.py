@@ -6,8 +6,11 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from types import MappingProxyType
 
 from proxy.manifests import ForeignClassifier, ForeignLayer, Manifest
+
+EMPTY: Mapping[str, ForeignLayer] = MappingProxyType({})
 
 
 class Action(StrEnum):
@@ -87,15 +90,22 @@ class Policy:
         return "default", self.default
 
     def decide(
-        self, repository: str, digests: Iterable[str], known: Mapping[str, ForeignLayer]
+        self,
+        repository: str,
+        digests: Iterable[str],
+        known: Mapping[str, ForeignLayer],
+        known_diff_ids: Mapping[str, ForeignLayer] = EMPTY,
     ) -> Decision | None:
         """The decision for a push naming `digests`, or None when none of them is known to be foreign.
 
         Every candidate digest is checked, so that a request naming a digest twice (repeated query
-        parameters) cannot slip a foreign one past the first.
+        parameters) cannot slip a foreign one past the first. A digest equal to a known foreign
+        layer's diff_id is that layer pushed uncompressed.
         """
         for digest in digests:
             layer = known.get(digest)
+            if layer is None and (match := known_diff_ids.get(digest)) is not None:
+                layer = ForeignLayer(digest, match.media_type, match.size, match.urls, digest)
             if layer is not None:
                 rule, action = self.rule_for(repository)
                 return Decision(action=action, rule=rule, repository=repository, layer=layer)

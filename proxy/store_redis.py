@@ -1,7 +1,7 @@
 """The store in Redis, shared by gateway replicas on many hosts.
 
 Keys (all under PREFIX, in the URL's database):
-    layers            HASH digest -> JSON [media_type, size, urls, diff_id]  (all `known()` reads: one HGETALL)
+    layers            HASH digest -> JSON [media_type, size, urls, diff_id]  (all that `known()` reads)
     history           HASH digest -> JSON [first source, repository, manifest, first_seen, last ..., last_seen]
     bytes-kept-out    HASH digest -> int
     outcomes:DIGEST   HASH outcome -> count
@@ -46,6 +46,7 @@ GENERATION = PREFIX + "generation"
 CHANNEL = PREFIX + "changes"
 DEFAULT_PORT = 6379
 DEFAULT_TIMEOUT = 2.0
+KNOWN_SLICE = 1000
 
 # KEYS: layers, outcomes:DIGEST, bytes-kept-out, generation. ARGV: digest, outcome, nbytes, channel.
 COUNT_SCRIPT = """
@@ -96,6 +97,9 @@ class RedisLocation:
 def parse_redis_url(url: str) -> RedisLocation:
     """ValueError for a malformed URL, naming it without its password."""
     shown = without_password(url)
+    if any(character.isspace() or not character.isprintable() for character in url):
+        # urlsplit would silently drop some of them.
+        raise ValueError(f"malformed store URL {shown!r}: spaces and control characters are not allowed")
     try:
         parts = urlsplit(url)
         port = parts.port or DEFAULT_PORT
@@ -235,9 +239,19 @@ class RedisStore:
         return new_layers
 
     async def known(self) -> dict[str, ForeignLayer]:
+        # In slices rather than one HGETALL: parsing 100k entries at once would stall the event loop
+        # (and every request of the gateway) for most of a second. Not a snapshot, but any change
+        # made meanwhile moves the generation, so the caller's next poll reads again.
+        layers: dict[str, ForeignLayer] = {}
+        cursor = 0
         with self._backend_errors():
-            stored = cast(dict[str, str], await self._client.hgetall(LAYERS))
-            return {digest: _decode_layer(digest, text) for digest, text in stored.items()}
+            while True:
+                cursor, part = cast(
+                    tuple[int, dict[str, str]], await self._client.hscan(LAYERS, cursor, count=KNOWN_SLICE)
+                )
+                layers.update((digest, _decode_layer(digest, text)) for digest, text in part.items())
+                if cursor == 0:
+                    return layers
 
     async def records(self) -> list[ForeignRecord]:
         with self._backend_errors():

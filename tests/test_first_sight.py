@@ -9,12 +9,21 @@ from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
+import pytest
 from support.clients import Podman
 from support.fixtures import GatewayFactory
 from support.gateway import GatewayProcess
 from support.images import Image, Layer, build_image, descriptor, write_dir
 from support.processes import describe
-from support.protocol import call, push_image_blobs, push_single_put, put_manifest
+from support.protocol import (
+    call,
+    digest_of,
+    push_chunked,
+    push_image_blobs,
+    push_single_put,
+    push_streamed,
+    put_manifest,
+)
 from support.registry import Registry, RegistryConfig, RegistryFactory, make_htpasswd
 from test_enforcement import teach, upstream_has
 
@@ -185,3 +194,31 @@ async def test_podman_push_of_a_windows_image_is_caught(
     ]  # fmt: skip
     leaked = {entry["digest"] for entry in gateway.events("decision") if entry["action"] == "leaked"}
     assert recompressed and {entry["digest"] for entry in recompressed} <= leaked
+
+
+@pytest.mark.parametrize("way", ["chunked", "single-put", "streamed-patch"])
+async def test_inspect_content_stops_a_recompressed_foreign_layer_at_its_closing_put(
+    gateway_factory: GatewayFactory, registry: Registry, http: aiohttp.ClientSession, way: str
+) -> None:
+    image = build_image(58, layer_sizes=(300_000, 8_000), foreign=1, os="windows")
+    gateway = gateway_factory(registry, config={"policy": {"inspect_content": True}})
+    await teach(http, gateway.url, "win/base", image)
+    recompressed = disguised(image).layers[0].data
+    ordinary = image.layers[1].data
+    pushes = {
+        "chunked": lambda data: push_chunked(http, gateway.url, "win/inspected", data, chunk_size=65_536),
+        "single-put": lambda data: push_single_put(http, gateway.url, "win/inspected", data),
+        "streamed-patch": lambda data: push_streamed(
+            http, gateway.url, "win/inspected", [data[i : i + 50_000] for i in range(0, len(data), 50_000)]
+        ),
+    }
+    dropped = await pushes[way](recompressed)
+    assert (dropped.status, dropped.headers["Docker-Content-Digest"]) == (201, digest_of(recompressed))
+    assert not await upstream_has(http, registry, "win/inspected", digest_of(recompressed))
+    assert not registry.blob_data_path(digest_of(recompressed)).exists()
+    assert [(entry["action"], entry["digest"]) for entry in gateway.events("decision")] == [
+        ("drop", digest_of(recompressed))
+    ]
+    passed = await pushes[way](ordinary)
+    assert passed.status == 201
+    assert registry.blob_data_path(digest_of(ordinary)).read_bytes() == ordinary

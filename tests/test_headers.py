@@ -155,7 +155,7 @@ def test_rewrite_maps_the_upstream_origin_and_keeps_path_and_query(
     scheme: str, host: str, port: int, tail: str, shout: bool
 ) -> None:
     upstream = f"{scheme}://{host}:{port}"
-    origins = Origins(upstream=upstream, client=CLIENT)
+    origins = Origins(upstream=origin(scheme, f"{host}:{port}"), client=CLIENT)
     url = (upstream.upper() if shout else upstream) + tail
 
     assert origins.rewrite(url) == CLIENT + tail
