@@ -33,4 +33,4 @@ bench: system-deps python-deps
 	$(PYTHON) bench/run.py
 
 demo: system-deps python-deps
-	$(PYTHON) -m proxy.demo
+	$(PYTHON) demo/demo.py

@@ -186,8 +186,9 @@ async def known_context(app: web.Application) -> AsyncIterator[None]:
 
 async def upstream_context(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    origin = require_upstream(settings)
     session = create_session(settings.upstream)
-    app[UPSTREAM] = Upstream(require_upstream(settings), session)
+    app[UPSTREAM] = Upstream(origin, session)
     metrics = app[METRICS]
     cleaner = Cleaner(
         app[UPSTREAM].origin, settings.upstream, settings.cleanup,

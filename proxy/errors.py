@@ -36,6 +36,9 @@ NOT_A_FORWARD_PROXY = ErrorKind(
 )
 
 
+MAX_REASON_CHARACTERS = 300
+
+
 class GatewayError(Exception):
     def __init__(self, kind: ErrorKind, message: str | None = None, detail: Mapping[str, Any] | None = None):
         super().__init__(message or kind.message)
@@ -47,9 +50,16 @@ def error_body(code: str, message: str, detail: Mapping[str, Any] | None = None)
     return json.dumps({"errors": [{"code": code, "message": message, "detail": dict(detail or {})}]}).encode()
 
 
+def reason_phrase(message: str) -> str:
+    """The message as an HTTP reason phrase: clients such as ctr print only the status line."""
+    printable = "".join(character if " " <= character <= "~" else " " for character in message)
+    return printable[:MAX_REASON_CHARACTERS]
+
+
 def error_response(error: GatewayError) -> web.Response:
     return web.Response(
         status=error.kind.status,
+        reason=reason_phrase(str(error)),
         body=error_body(error.kind.code, str(error), error.detail),
         content_type="application/json",
     )

@@ -19,6 +19,8 @@ from proxy.store import ForeignStore, Sighting, StoreError
 
 logger = logging.getLogger("foreign_layer_proxy.known")
 RECENT_UPLOADS_CAPACITY = 100_000
+# While the store is down, counters and upload records wait in memory up to this many; learned layers always wait.
+MAX_PENDING_RECORDS = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,14 +83,16 @@ class KnownForeign:
         return new
 
     def count(self, digest: str, outcome: str, nbytes: int = 0) -> None:
-        self._pending.put_nowait(_Counted(digest, outcome, nbytes))
+        if self._pending.qsize() < MAX_PENDING_RECORDS:
+            self._pending.put_nowait(_Counted(digest, outcome, nbytes))
 
     def record_upload(self, repository: str, digest: str, ttl: float) -> None:
         """A blob upload completed: kept for leak detection, here and (for other replicas) in the store."""
         if len(self._recent_uploads) >= RECENT_UPLOADS_CAPACITY:
             self._forget_expired_uploads()
         self._recent_uploads[(repository, digest)] = time.monotonic() + ttl
-        self._queue(_Uploaded(repository, digest, ttl))
+        if self._pending.qsize() < MAX_PENDING_RECORDS:
+            self._queue(_Uploaded(repository, digest, ttl))
 
     async def uploaded_recently(self, repository: str, digests: Iterable[str]) -> set[str]:
         """Which of `digests` were uploaded to `repository` within the leak window, by any replica."""

@@ -132,8 +132,8 @@ class Misuse:
                 f"foreign media type and its urls, so that pullers fetch it from its source"
             )
         return (
-            f"foreign layer {self.layer.digest} has no urls, so pullers could not fetch it, and {where}. "
-            f"Push the image keeping the layer's urls (a client that recompresses foreign layers drops them)"
+            f"foreign layer {self.layer.digest} has no urls and {where}, so pullers would have no way to fetch "
+            f"it. Push the image keeping the layer's urls (a client that recompresses foreign layers drops them)"
         )
 
 

@@ -68,9 +68,11 @@ class ForeignStore(Protocol):
         """Record one outcome for a known digest; an unknown digest is ignored."""
 
     async def generation(self) -> int:
-        """Cheap; differs after any change to the records committed by any process sharing the store.
+        """Cheap; differs after any change to what `known()` answers, committed by any process sharing the store.
 
-        Upload records are not records: they do not move it.
+        Counts, refreshed sightings and upload records do not move it, so that following it costs a reload
+        of `known()` only when the set of layers really changed. A store that lost its records (a Redis
+        failover to an empty server) starts again from 0, so its generation drops.
         """
 
     async def record_upload(self, repository: str, digest: str, ttl_seconds: float) -> None:
@@ -154,19 +156,18 @@ class MemoryStore:
         self._check_open()
         now = self._clock()
         new_layers = []
+        moved = False
         for layer in layers:
             record = self._records.get(layer.digest)
             if record is None:
                 self._records[layer.digest] = ForeignRecord(layer, sighting, sighting, now, now, {}, 0)
                 new_layers.append(layer)
+                moved = True
             else:
-                self._records[layer.digest] = replace(
-                    record,
-                    layer=with_gaps_filled(record.layer, layer),
-                    last_sighting=sighting,
-                    last_seen=now,
-                )
-        if layers:
+                filled = with_gaps_filled(record.layer, layer)
+                moved = moved or filled != record.layer
+                self._records[layer.digest] = replace(record, layer=filled, last_sighting=sighting, last_seen=now)
+        if moved:
             self._generation += 1
         return new_layers
 
@@ -196,7 +197,6 @@ class MemoryStore:
             outcomes={**record.outcomes, outcome: record.outcomes.get(outcome, 0) + 1},
             bytes_kept_out=record.bytes_kept_out + nbytes,
         )
-        self._generation += 1
 
     async def generation(self) -> int:
         self._check_open()
@@ -273,16 +273,24 @@ SCHEMA = (
 
 NO_URLS = json.dumps([])
 
-REFRESH_LAYER = f"""
+REFRESH_SIGHTING = """
     UPDATE foreign_layers SET
-        urls = CASE WHEN urls = '{NO_URLS}' THEN :urls ELSE urls END,
-        diff_id = coalesce(diff_id, :diff_id),
         last_source = :source,
         last_repository = :repository,
         last_manifest_digest = :manifest_digest,
         last_seen = :now
     WHERE digest = :digest
 """
+
+FILL_GAPS = f"""
+    UPDATE foreign_layers SET
+        urls = CASE WHEN urls = '{NO_URLS}' THEN :urls ELSE urls END,
+        diff_id = coalesce(diff_id, :diff_id)
+    WHERE digest = :digest
+        AND ((urls = '{NO_URLS}' AND :urls != '{NO_URLS}') OR (diff_id IS NULL AND :diff_id IS NOT NULL))
+"""
+
+BUMP_GENERATION = "UPDATE meta SET value = value + 1 WHERE key = 'generation'"
 
 INSERT_LAYER = """
     INSERT INTO foreign_layers (
@@ -331,8 +339,9 @@ class SqliteStore:
         layers = tuple(layers)
         now = self._clock()
 
-        def learn_layers(connection: sqlite3.Connection) -> list[ForeignLayer]:
+        def learn_layers(connection: sqlite3.Connection) -> tuple[list[ForeignLayer], bool]:
             new_layers = []
+            filled = False
             for layer in layers:
                 values = {
                     "digest": layer.digest,
@@ -345,10 +354,12 @@ class SqliteStore:
                     "manifest_digest": sighting.manifest_digest,
                     "now": now,
                 }
-                if not connection.execute(REFRESH_LAYER, values).rowcount:
+                if connection.execute(REFRESH_SIGHTING, values).rowcount:
+                    filled = connection.execute(FILL_GAPS, values).rowcount > 0 or filled
+                else:
                     connection.execute(INSERT_LAYER, values)
                     new_layers.append(layer)
-            return new_layers
+            return new_layers, bool(new_layers) or filled
 
         return await self._write(learn_layers)
 
@@ -369,13 +380,13 @@ class SqliteStore:
     async def forget(self, digests: Iterable[str]) -> list[str]:
         unique_digests = tuple(dict.fromkeys(digests))
 
-        def delete_layers(connection: sqlite3.Connection) -> list[str]:
+        def delete_layers(connection: sqlite3.Connection) -> tuple[list[str], bool]:
             removed = []
             for digest in unique_digests:
                 if connection.execute("DELETE FROM foreign_layers WHERE digest = ?", (digest,)).rowcount:
                     connection.execute("DELETE FROM outcomes WHERE digest = ?", (digest,))
                     removed.append(digest)
-            return removed
+            return removed, bool(removed)
 
         return await self._write(delete_layers)
 
@@ -394,7 +405,7 @@ class SqliteStore:
                     (digest, outcome),
                 )
 
-        await self._write(count_outcome)
+        await self._transaction(count_outcome)
 
     async def generation(self) -> int:
         def select_generation(connection: sqlite3.Connection) -> int:
@@ -417,8 +428,7 @@ class SqliteStore:
                 (repository, digest, expires_at),
             )
 
-        # Not through _write: upload records must not move the generation.
-        await self._run(lambda connection: _in_transaction(connection, upsert_upload))
+        await self._transaction(upsert_upload)
 
     async def recent_uploads(self, repository: str, digests: Iterable[str]) -> set[str]:
         now = self._clock()
@@ -442,15 +452,19 @@ class SqliteStore:
     async def _run(self, operation: Callable[[sqlite3.Connection], Result]) -> Result:
         return await asyncio.to_thread(self._call, operation)
 
-    async def _write(self, change: Callable[[sqlite3.Connection], Result]) -> Result:
+    async def _transaction(self, work: Callable[[sqlite3.Connection], Result]) -> Result:
+        return await self._run(lambda connection: _in_transaction(connection, work))
+
+    async def _write(self, change: Callable[[sqlite3.Connection], tuple[Result, bool]]) -> Result:
+        """`change` also tells whether `known()` answers differently now: only then the generation moves."""
+
         def change_and_bump_generation(connection: sqlite3.Connection) -> Result:
-            changes_before = connection.total_changes
-            result = change(connection)
-            if connection.total_changes != changes_before:
-                connection.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+            result, moved = change(connection)
+            if moved:
+                connection.execute(BUMP_GENERATION)
             return result
 
-        return await self._run(lambda connection: _in_transaction(connection, change_and_bump_generation))
+        return await self._transaction(change_and_bump_generation)
 
     def _call(self, operation: Callable[[sqlite3.Connection], Result]) -> Result:
         with self._lock, self._backend_errors():

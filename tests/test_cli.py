@@ -31,7 +31,9 @@ SUBCOMMANDS = ("serve", "learn", "digests", "forget")
 CONSOLE_SCRIPT = Path(sys.executable).with_name("foreign-layer-proxy")
 
 
-def cli(*args: str | Path, env: Mapping[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str | Path, env: Mapping[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return run([sys.executable, "-m", "proxy", *args], timeout=timeout, env=env)
 
 
@@ -129,7 +131,8 @@ async def test_learn_from_a_registry(
     await push_image_blobs(
         http, registry.url, "win/base", [data for digest, data in windows_image.blobs.items() if digest not in foreign]
     )
-    answer = await put_manifest(http, registry.url, "win/base", "ltsc", windows_image.manifest, windows_image.media_type)
+    manifest, media_type = windows_image.manifest, windows_image.media_type
+    answer = await put_manifest(http, registry.url, "win/base", "ltsc", manifest, media_type)
     assert answer.status == 201, answer
     source = f"docker://{registry.host_port}/win/base:ltsc"
 
@@ -158,6 +161,7 @@ async def test_digests_show_what_was_learned_and_where(
     await asyncio.to_thread(lambda: succeeded(cli("learn", "--store", store, source)))
     gateway = gateway_factory(registry, store=store)
     await teach(http, gateway.url, "win/pushed", by_gateway)
+    await asyncio.to_thread(gateway.stop)  # it saves what it learns in the background, and all of it when stopped
 
     table = (await asyncio.to_thread(cli, "digests", "--store", store)).stdout.splitlines()
     records = await asyncio.to_thread(stored, store)

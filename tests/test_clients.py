@@ -51,9 +51,15 @@ def requests_logged(gateway: GatewayProcess, method: str, path_part: str = "") -
     ]
 
 
-def decisions(gateway: GatewayProcess) -> list[tuple[str, str, str, str]]:
+BLOB_ACTIONS = frozenset({"drop", "reject", "allow", "audit"})
+
+
+def blob_decisions(gateway: GatewayProcess) -> list[tuple[str, str, str, str]]:
+    """(action, method, repository, digest) of each decision on a blob push (not those at manifest time)."""
     return sorted(
-        (entry["action"], entry["method"], entry["repository"], entry["digest"]) for entry in gateway.events("decision")
+        (entry["action"], entry["method"], entry["repository"], entry["digest"])
+        for entry in gateway.events("decision")
+        if entry["action"] in BLOB_ACTIONS
     )
 
 
@@ -89,44 +95,59 @@ def test_ctr_push_of_an_image_whose_foreign_layers_the_gateway_learned_from_skop
         assert blob_status(registry.url, "win/app", digest) == 404
     if action == "drop":
         assert pushed.returncode == 0, describe(pushed)
-        assert decisions(gateway) == sorted(("drop", "PUT", "win/app", digest) for digest in foreign)
+        assert blob_decisions(gateway) == sorted(("drop", "PUT", "win/app", digest) for digest in foreign)
         assert skopeo_inspect_raw(f"docker://{gateway.host_port}/win/app:1") == foreign_image.manifest
         plain = foreign_image.layers[2]
         assert blob_status(gateway.url, "win/app", plain.digest) == 200
     else:
         assert pushed.returncode != 0, describe(pushed)
         assert elapsed < PROMPT_FAILURE_SECONDS, f"ctr took {elapsed:.1f} s to give up"
-        rejected = [entry["digest"] for entry in gateway.events("decision")]
-        assert rejected and {entry["action"] for entry in gateway.events("decision")} == {"reject"}
+        rejected = [digest for decided, _, _, digest in blob_decisions(gateway) if decided == "reject"]
+        assert rejected and {decided for decided, _, _, _ in blob_decisions(gateway)} == {"reject"}
         # What the user reads: the gateway's reason, not just a status code.
         assert "foreign layer" in output, output
         assert any(digest in output for digest in rejected), output
-        assert requests_logged(gateway, "PUT", "/manifests/") == []
+        assert requests_logged(gateway, "PUT", "/v2/win/app/manifests/") == []
 
 
 # skopeo: an OCI nondistributable layer without urls, whose blob the registry needs
 
 
-def test_skopeo_push_fails_promptly_when_a_dropped_layer_has_no_urls(
+@pytest.mark.parametrize("manifest_check", [False, True], ids=["registry-refuses", "gateway-refuses"])
+def test_skopeo_push_of_a_dropped_layer_without_urls_fails_promptly_at_the_manifest(
     gateway_factory: GatewayFactory,
     registry: Registry,
     skopeo_cache: Path,
     tmp_path_factory: pytest.TempPathFactory,
     tmp_path: Path,
+    manifest_check: bool,
 ) -> None:
     image = build_image(40, flavour="oci", foreign=1, foreign_urls=False, os="windows")
     foreign = image.foreign_layers[0]
     layout = write_oci_layout(image, tmp_path / "layout")
-    gateway = gateway_factory(registry, args=["--action", "drop"])
+    gateway = gateway_factory(
+        registry, args=["--action", "drop"], config={"policy": {"manifest_check": manifest_check}}
+    )
 
     first = skopeo_copy(f"oci:{layout}:latest", f"docker://{gateway.host_port}/win/first:1", cache_dir=skopeo_cache)
 
-    assert first.returncode == 0, describe(first)  # nothing known yet: uploaded, and the manifest accepted
+    # Nothing was known: the blob went through, and the manifest taught the gateway.
     assert blob_status(registry.url, "win/first", foreign.digest) == 200
-    assert [(entry["digest"], entry["repository"], entry["source"]) for entry in gateway.events("learned")] == [
+    assert {(entry["digest"], entry["repository"], entry["source"]) for entry in gateway.events("learned")} == {
         (foreign.digest, "win/first", "manifest-put")
-    ]
-    assert gateway.events("decision") == []
+    }
+    assert blob_decisions(gateway) == []
+    leaks = {
+        (entry["repository"], entry["digest"]) for entry in gateway.events("decision") if entry["action"] == "leaked"
+    }
+    assert leaks == {("win/first", foreign.digest)}
+    if manifest_check:
+        # The drop rule keeps foreign layers out of win/first, and without urls nobody could fetch this one
+        # elsewhere: the gateway refuses the manifest already on first sight, saying why.
+        assert first.returncode != 0, describe(first)
+        assert foreign.digest in first.stderr and "no urls" in first.stderr, describe(first)
+    else:
+        assert first.returncode == 0, describe(first)  # the registry has the blob, so it takes the manifest
 
     # A fresh blob-info cache, so that skopeo uploads the layer again instead of mounting it from win/first.
     fresh_cache = tmp_path_factory.mktemp("skopeo-cache")
@@ -138,14 +159,19 @@ def test_skopeo_push_fails_promptly_when_a_dropped_layer_has_no_urls(
 
     assert second.returncode != 0, describe(second)
     assert elapsed < PROMPT_FAILURE_SECONDS, f"skopeo took {elapsed:.1f} s to give up"
-    assert decisions(gateway) == [("drop", "PUT", "win/second", foreign.digest)]
+    assert blob_decisions(gateway) == [("drop", "PUT", "win/second", foreign.digest)]
     assert blob_status(registry.url, "win/second", foreign.digest) == 404
     error_lines = [line for line in second.stderr.splitlines() if "level=fatal" in line]
-    assert len(error_lines) == 1, second.stderr
-    assert "writing manifest" in error_lines[0], second.stderr
-    assert "blob unknown" in error_lines[0] or foreign.digest in error_lines[0], second.stderr
+    assert len(error_lines) == 1, describe(second)
+    assert "writing manifest" in error_lines[0], describe(second)
+    if manifest_check:
+        assert foreign.digest in error_lines[0] and "no urls" in error_lines[0], describe(second)
+    else:
+        assert "manifest blob unknown" in error_lines[0], describe(second)
+    # Refused with a 4xx, and not retried: skopeo tries the OCI form, and at most once more converted to
+    # the docker form when told the manifest is invalid.
     manifest_puts = requests_logged(gateway, "PUT", "/v2/win/second/manifests/")
-    assert [entry["status"] // 100 for entry in manifest_puts] == [4], manifest_puts  # tried once, refused: no loop
+    assert 1 <= len(manifest_puts) <= 2 and all(entry["status"] // 100 == 4 for entry in manifest_puts), manifest_puts
 
 
 # skopeo: cross-repository mounts
@@ -191,7 +217,7 @@ def test_skopeo_mount_of_a_known_foreign_blob_is_answered_by_the_gateway(
 
     pushed = skopeo_copy(f"oci:{layout}:latest", f"docker://{gateway.host_port}/win/c:1", cache_dir=skopeo_cache)
 
-    assert decisions(gateway) == [("drop", "POST", "win/c", foreign.digest)]
+    assert blob_decisions(gateway) == [("drop", "POST", "win/c", foreign.digest)]
     [mount] = [
         entry for entry in requests_logged(gateway, "POST") if f"mount={foreign.digest}" in (entry.get("query") or "")
     ]
@@ -200,7 +226,8 @@ def test_skopeo_mount_of_a_known_foreign_blob_is_answered_by_the_gateway(
     assert blob_status(registry.url, "win/c", foreign.digest) == 404
     for layer in image.layers[1:]:
         assert blob_status(registry.url, "win/c", layer.digest) == 200  # mounted for real
-    # The registry wants the blob of a nondistributable layer without urls, so the push ends at the manifest.
+    # Without its blob and without urls nobody could pull that layer, so the manifest is refused (by the gateway's
+    # manifest check, or else by the registry): the push ends there.
     assert pushed.returncode != 0, describe(pushed)
     assert "writing manifest" in pushed.stderr, describe(pushed)
 
@@ -260,7 +287,7 @@ async def test_oras_sdk_upload_of_a_known_foreign_blob(
         errors = gateway.events("gateway_error")
         assert errors and {entry["code"] for entry in errors} == {"DENIED"}
         assert all(f"foreign layer {foreign.digest}" in entry["message"] for entry in errors)
-    assert {(entry["action"], entry["digest"]) for entry in gateway.events("decision")} == {(action, foreign.digest)}
+    assert {(decided, digest) for decided, _, _, digest in blob_decisions(gateway)} == {(action, foreign.digest)}
     if chunked:
         patches = requests_logged(gateway, "PATCH", "/v2/win/app/")
         assert len(patches) == -(-foreign.size // 4096), patches  # really sent in chunks
@@ -315,7 +342,7 @@ async def test_python_dxf_push_of_a_known_foreign_blob(
         [error] = answer.json()["errors"]
         assert error["code"] == "DENIED"
         assert f"foreign layer {foreign.digest}" in error["message"] and "win/app" in error["message"]
-    assert decisions(gateway) == [(action, "POST" if way == "mount" else "PUT", "win/app", foreign.digest)]
+    assert blob_decisions(gateway) == [(action, "POST" if way == "mount" else "PUT", "win/app", foreign.digest)]
     assert blob_status(registry.url, "win/app", foreign.digest) == 404
     if way != "mount":
         assert not registry.blob_data_path(foreign.digest).exists()
