@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import OrderedDict
 from dataclasses import replace
@@ -42,6 +41,7 @@ from proxy.manifests import (
     ManifestError,
     parse_diff_ids,
     parse_manifest,
+    sha256_digest,
 )
 from proxy.metrics import Metrics
 from proxy.policy import Action, Decision, ManifestReview, Policy, review_manifest
@@ -80,10 +80,6 @@ class SeenManifests:
             self._digests.popitem(last=False)
 
 
-def sha256_digest(body: bytes) -> str:
-    return "sha256:" + hashlib.sha256(body).hexdigest()
-
-
 def expects_continue(request: web.Request) -> bool:
     return request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue"
 
@@ -98,14 +94,12 @@ async def no_automatic_continue(request: web.Request) -> None:
     """Route expect-handler: aiohttp must not send 100 Continue before the policy decided."""
 
 
-async def drain(request: web.Request) -> int:
-    """Read and discard a request body the client is already sending; returns its size."""
+async def drain(request: web.Request) -> None:
+    """Read and discard a request body the client is already sending, so that it reads our answer."""
     if expects_continue(request):
-        return 0
-    drained = 0
-    while chunk := await request.content.readany():
-        drained += len(chunk)
-    return drained
+        return
+    while await request.content.readany():
+        pass
 
 
 class Gateway:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -85,6 +86,10 @@ class ForeignClassifier:
         )
 
 
+def sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
 def is_digest(value: object) -> bool:
     if not isinstance(value, str):
         return False
@@ -96,11 +101,19 @@ def is_digest(value: object) -> bool:
     return False
 
 
+def _field(document: Mapping[str, Any], name: str, default: object = None) -> Any:
+    """A JSON field as the registry reads it: Go's decoder matches keys case-insensitively, exact match first."""
+    if name in document:
+        return document[name]
+    folded = name.casefold()
+    return next((value for key, value in document.items() if key.casefold() == folded), default)
+
+
 def _descriptor(raw: object) -> Descriptor:
     if not isinstance(raw, Mapping):
         raise ManifestError("descriptor is not an object")
-    media_type, digest, size = raw.get("mediaType"), raw.get("digest"), raw.get("size")
-    urls = raw.get("urls", ())
+    media_type, digest, size = _field(raw, "mediaType"), _field(raw, "digest"), _field(raw, "size")
+    urls = _field(raw, "urls", ())
     if not isinstance(media_type, str) or not is_digest(digest):
         raise ManifestError("descriptor needs a mediaType and a valid digest")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -120,15 +133,15 @@ def _descriptors(raw: object) -> tuple[Descriptor, ...]:
 
 
 def _media_type(document: Mapping[str, Any], content_type: str | None) -> str:
-    declared = document.get("mediaType")
+    declared = _field(document, "mediaType")
     if isinstance(declared, str) and declared:
         return declared
     bare_content_type = (content_type or "").split(";")[0].strip().lower()
     if bare_content_type in IMAGE_MANIFEST_TYPES | INDEX_TYPES:
         return bare_content_type
-    if "manifests" in document:
+    if _field(document, "manifests") is not None:
         return OCI_INDEX
-    if "layers" in document:
+    if _field(document, "layers") is not None:
         return OCI_MANIFEST
     raise ManifestError("unknown manifest type")
 
@@ -148,10 +161,10 @@ def parse_manifest(body: bytes, content_type: str | None = None) -> Manifest:
         raise ManifestError("manifest is not a JSON object")
     media_type = _media_type(document, content_type)
     if media_type in INDEX_TYPES:
-        return Manifest(media_type, None, (), _descriptors(document.get("manifests")))
+        return Manifest(media_type, None, (), _descriptors(_field(document, "manifests")))
     if media_type in IMAGE_MANIFEST_TYPES:
-        config = _descriptor(document.get("config"))
-        return Manifest(media_type, config, _descriptors(document.get("layers")), ())
+        config = _descriptor(_field(document, "config"))
+        return Manifest(media_type, config, _descriptors(_field(document, "layers")), ())
     raise ManifestError(f"unsupported manifest type {media_type[:100]!r}")
 
 

@@ -30,6 +30,7 @@ from proxy.manifests import (
     OCI_INDEX,
     OCI_MANIFEST,
     is_digest,
+    sha256_digest,
 )
 
 REGISTRY_AUTH_VARIABLE = "REGISTRY_AUTH"
@@ -59,10 +60,6 @@ def is_tag(value: str) -> bool:
 def matches_digest(data: bytes, digest: str) -> bool:
     algorithm, _, encoded = digest.partition(":")
     return is_digest(digest) and hashlib.new(algorithm, data).hexdigest() == encoded
-
-
-def sha256_digest(data: bytes) -> str:
-    return f"sha256:{hashlib.sha256(data).hexdigest()}"
 
 
 @dataclass(frozen=True, slots=True)

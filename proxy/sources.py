@@ -24,6 +24,7 @@ from proxy.manifests import (
     is_digest,
     parse_diff_ids,
     parse_manifest,
+    sha256_digest,
 )
 from proxy.policy import glob_to_regex
 from proxy.registry_client import (
@@ -34,7 +35,6 @@ from proxy.registry_client import (
     is_tag,
     matches_digest,
     registry_url,
-    sha256_digest,
 )
 from proxy.store import Sighting
 

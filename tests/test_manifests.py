@@ -448,3 +448,18 @@ def test_parse_diff_ids_never_raises(config: bytes) -> None:
 )
 def test_digest_lines(text: str, expected: list[str]) -> None:
     assert list(digest_lines(text)) == expected
+
+
+def test_keys_are_read_case_insensitively_as_the_registry_reads_them() -> None:
+    """Go's JSON decoder (the registry's) matches keys regardless of case: so must the classifier."""
+    foreign = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+    body = json.dumps(
+        {
+            "SchemaVersion": 2,
+            "MEDIATYPE": "application/vnd.docker.distribution.manifest.v2+json",
+            "Config": {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": "sha256:" + "a" * 64, "size": 1},
+            "Layers": [{"MediaType": foreign, "Digest": "sha256:" + "b" * 64, "SIZE": 5, "URLS": ["https://x.invalid/"]}],
+        }
+    ).encode()
+    layers = ForeignClassifier().foreign_layers(parse_manifest(body))
+    assert [(layer.digest, layer.urls) for layer in layers] == [("sha256:" + "b" * 64, ("https://x.invalid/",))]
