@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Any, Self
 from .processes import ManagedProcess, free_port
 
 HOST = "127.0.0.1"
+QUIET_SECONDS = 0.05
 
 
 class GatewayProcess:
@@ -65,10 +68,26 @@ class GatewayProcess:
         return self.process.stop()
 
     def log_events(self) -> Iterator[dict[str, Any]]:
-        """The structured (JSON) log lines written so far."""
-        for line in self.process.log_text().splitlines():
+        """The structured (JSON) log lines, once the log has been quiet for a moment: the gateway writes a
+        request's line just after the client has its answer."""
+        text = self.process.log_text()
+        for _ in range(40):
+            time.sleep(QUIET_SECONDS)
+            if (latest := self.process.log_text()) == text:
+                break
+            text = latest
+        for line in text.splitlines():
             if line.startswith("{"):
                 yield json.loads(line)
 
     def events(self, event: str) -> list[dict[str, Any]]:
         return [entry for entry in self.log_events() if entry.get("event") == event]
+
+    async def wait_for(self, event: str, count: int = 1, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """The log lines of `event` once there are `count` of them: the gateway may log just after answering."""
+        deadline = time.monotonic() + timeout
+        while len(found := self.events(event)) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"fewer than {count} {event} lines in the gateway's log:\n{self.process.log_text()}")
+            await asyncio.sleep(0.02)
+        return found
