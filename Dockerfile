@@ -8,7 +8,7 @@ WORKDIR /src
 COPY pyproject.toml setup.cfg ./
 COPY proxy ./proxy
 # Wheels of the gateway and all its dependencies, so the final stage needs no compiler or source.
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[speed]'
 
 FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -16,7 +16,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     FOREIGN_LAYER_PROXY_ADMIN_LISTEN=0.0.0.0:9090 \
     FOREIGN_LAYER_PROXY_STORE_URL=sqlite:////var/lib/foreign-layer-proxy/foreign-layers.db
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --no-index --find-links=/wheels /wheels/foreign_layer_proxy-*.whl \
+    pip install --no-cache-dir --no-index --find-links=/wheels "$(ls /wheels/foreign_layer_proxy-*.whl)[speed]" \
     && groupadd --system --gid 10001 foreign-layer-proxy \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin foreign-layer-proxy \
     && install -d -o foreign-layer-proxy -g foreign-layer-proxy /var/lib/foreign-layer-proxy
