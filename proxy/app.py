@@ -16,14 +16,19 @@ from aiohttp import web
 from proxy.cleanup import Cleaner
 from proxy.config import ConfigError, Settings, require_upstream
 from proxy.errors import NOT_A_FORWARD_PROXY, GatewayError, error_response
-from proxy.forwarding import StreamAborted, Upstream, create_session
+from proxy.forwarding import (
+    STREAM_BUFFER_BYTES,
+    StreamAborted,
+    Upstream,
+    create_session,
+)
 from proxy.gateway import DECISION, REQUEST_ID, ROUTE, Gateway, no_automatic_continue
 from proxy.known import KnownForeign
 from proxy.logs import log_event, redacted_query
 from proxy.manifests import ForeignLayer, digest_lines, is_digest
 from proxy.metrics import Metrics, route_label
 from proxy.routes import match_route
-from proxy.store import ForeignStore, open_store
+from proxy.store import ForeignStore, StoreError, open_store
 
 logger = logging.getLogger("foreign_layer_proxy.access")
 
@@ -67,9 +72,6 @@ class InFlight:
 IN_FLIGHT = web.AppKey("in_flight", InFlight)
 METRICS = web.AppKey("metrics", Metrics)
 METRIC_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-
-STREAM_BUFFER_BYTES = 256 * 1024
-
 
 def read_digest_files(paths: tuple[Path, ...]) -> dict[str, ForeignLayer]:
     """Digests listed in config files (foreign.digest_files)."""
@@ -156,7 +158,7 @@ async def exchange(
 
 async def store_context(app: web.Application) -> AsyncIterator[None]:
     try:
-        store = app.get(STORE) or open_store(app[SETTINGS].store.url)
+        store = open_store(app[SETTINGS].store.url)
     except ValueError as error:
         raise ConfigError(f"store.url: {error}") from None
     app[STORE] = store
@@ -172,15 +174,18 @@ async def known_context(app: web.Application) -> AsyncIterator[None]:
         on_store_error=metrics.store_errors.inc,
     )  # fmt: skip
     metrics.track_known(lambda: len(known.layers))
-    with contextlib.suppress(Exception):
+    try:
         await known.resync()
+    except StoreError as error:
+        metrics.store_errors.inc()
+        log_event(logger, logging.WARNING, "store_error", error=str(error), note="enforcing digest files only until the store answers")
     app[KNOWN] = known
     task = asyncio.create_task(known.run())
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(StoreError):
         await known.flush()
 
 
@@ -204,13 +209,11 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     return await request.app[GATEWAY].handle(request)
 
 
-def create_app(settings: Settings, store: ForeignStore | None = None) -> web.Application:
+def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[exchange])
     app[SETTINGS] = settings
     app[IN_FLIGHT] = InFlight()
     app[METRICS] = Metrics()
-    if store is not None:
-        app[STORE] = store
     app.cleanup_ctx.extend([store_context, known_context, upstream_context])
     app.router.add_route("*", "/{tail:.*}", dispatch, expect_handler=no_automatic_continue)
     return app
