@@ -71,8 +71,9 @@ class ForeignStore(Protocol):
         """Cheap; differs after any change to what `known()` answers, committed by any process sharing the store.
 
         Counts, refreshed sightings and upload records do not move it, so that following it costs a reload
-        of `known()` only when the set of layers really changed. A store that lost its records (a Redis
-        failover to an empty server) starts again from 0, so its generation drops.
+        of `known()` only when the set of layers really changed. A Redis store that lost its records (a
+        failover to an empty server) answers lower than it ever did before the loss (a replaced SQLite
+        file starts again from 0).
         """
 
     async def record_upload(self, repository: str, digest: str, ttl_seconds: float) -> None:
@@ -482,17 +483,45 @@ class SqliteStore:
             raise StoreError(f"foreign-layer store {self._path} is closed")
         if self._connection is None:
             self._path.parent.mkdir(parents=True, exist_ok=True)
-            connection = sqlite3.connect(
-                self._path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
-            )
             try:
+                self._connection = self._connect()
+            except sqlite3.OperationalError as error:
+                if not (_cannot_write(error) and self._path.is_file()):
+                    raise
+                self._connection = self._connect_read_only(error)
+        return self._connection
+
+    def _connect(self, read_only: str | None = None) -> sqlite3.Connection:
+        target = self._path if read_only is None else f"{self._path.absolute().as_uri()}?{read_only}"
+        connection = sqlite3.connect(
+            target, uri=read_only is not None, timeout=self._busy_timeout, isolation_level=None,
+            check_same_thread=False,
+        )  # fmt: skip
+        try:
+            if read_only is None:
                 self._use_wal(connection)
                 self._ensure_schema(connection)
-            except BaseException:
-                connection.close()
-                raise
-            self._connection = connection
-        return self._connection
+            else:
+                self._schema_version(connection)
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    def _connect_read_only(self, error: sqlite3.OperationalError) -> sqlite3.Connection:
+        """A file in a read-only folder (a frozen volume): readable, while every write fails with StoreError.
+
+        mode=ro still sees a writer elsewhere, but needs the WAL index beside the file; without one (and
+        no way to create it) only immutable=1 can read the file.
+        """
+        for read_only in ("mode=ro", "immutable=1"):
+            try:
+                return self._connect(read_only)
+            except sqlite3.OperationalError as failure:
+                if not _cannot_write(failure):
+                    raise
+                error = failure
+        raise error
 
     def _use_wal(self, connection: sqlite3.Connection) -> None:
         # Switching a new file to WAL fails at once with SQLITE_BUSY while another process is
@@ -535,6 +564,10 @@ class SqliteStore:
             yield
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"foreign-layer store {self._path}: {exc}") from exc
+
+
+def _cannot_write(error: sqlite3.OperationalError) -> bool:
+    return error.sqlite_errorcode & 0xFF in {sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY}
 
 
 def _in_transaction(connection: sqlite3.Connection, work: Callable[[sqlite3.Connection], Result]) -> Result:

@@ -5,7 +5,7 @@ Keys (all under PREFIX, in the URL's database):
     history           HASH digest -> JSON [first source, repository, manifest, first_seen, last ..., last_seen]
     bytes-kept-out    HASH digest -> int
     outcomes:DIGEST   HASH outcome -> count
-    generation        INT, INCR'd in the transaction of every change to `layers`
+    generation        INT, INCR'd in the transaction of every change to `layers`; see generation_base()
     upload:REPO@DIGEST  "1" with a TTL (leak detection)
 Every change to `layers` is also PUBLISHed on CHANNEL, so a subscriber may react before its next generation poll.
 """
@@ -17,7 +17,7 @@ import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import cast
 from urllib.parse import unquote, urlsplit
 
@@ -48,6 +48,7 @@ CHANNEL = PREFIX + "changes"
 DEFAULT_PORT = 6379
 DEFAULT_TIMEOUT = 2.0
 KNOWN_SLICE = 1000
+LEARN_SLICE = 1000
 
 # KEYS: layers, outcomes:DIGEST, bytes-kept-out. ARGV: digest, outcome, nbytes.
 COUNT_SCRIPT = """
@@ -57,18 +58,20 @@ redis.call('HINCRBY', KEYS[3], ARGV[1], ARGV[3])
 return 1
 """
 
-# KEYS: layers, history, bytes-kept-out, generation, then outcomes:DIGEST per digest. ARGV: channel, then the digests.
+# KEYS: layers, history, bytes-kept-out, generation, then outcomes:DIGEST per digest.
+# ARGV: channel, generation base, then the digests.
 FORGET_SCRIPT = """
 local removed = {}
-for i = 2, #ARGV do
+for i = 3, #ARGV do
     if redis.call('HDEL', KEYS[1], ARGV[i]) == 1 then
         redis.call('HDEL', KEYS[2], ARGV[i])
         redis.call('HDEL', KEYS[3], ARGV[i])
-        redis.call('DEL', KEYS[i + 3])
+        redis.call('DEL', KEYS[i + 2])
         removed[#removed + 1] = ARGV[i]
     end
 end
 if #removed > 0 then
+    redis.call('SET', KEYS[4], ARGV[2], 'NX')
     redis.call('INCR', KEYS[4])
     redis.call('PUBLISH', ARGV[1], 'forget')
 end
@@ -85,7 +88,7 @@ class RedisLocation:
     db: int
     tls: bool
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
 
     @property
     def shown(self) -> str:
@@ -152,6 +155,16 @@ def _decode_history(text: str) -> _History:
     return _History(Sighting(*values[0:3]), values[3], Sighting(*values[4:7]), values[7])
 
 
+def generation_base() -> int:
+    """Where the generation of an empty database starts: lower for a database first written later.
+
+    So a Redis that lost everything (a failover to an empty server) answers lower generations than
+    before the loss, whoever writes to it first: what KnownForeign takes for "the store was reset".
+    Microseconds, so a database would need a million changes a second to overtake a younger one.
+    """
+    return 2**52 - time.time_ns() // 1000
+
+
 def _outcomes_key(digest: str) -> str:
     return f"{PREFIX}outcomes:{digest}"
 
@@ -194,21 +207,23 @@ class RedisStore:
         return self._location
 
     async def learn(self, layers: Sequence[ForeignLayer], sighting: Sighting) -> list[ForeignLayer]:
+        # A transaction per slice: replicas refilling a Redis that came back empty all learn everything
+        # at once, and smaller transactions collide (WATCH) less and redo less when they do.
         layers = tuple(layers)
-        digests = list(dict.fromkeys(layer.digest for layer in layers))
+        new_layers = []
         with self._backend_errors():
-            if not layers:
-                return []
             async with self._client.pipeline(transaction=True) as pipe:
-                while True:
-                    try:
-                        return await self._learn(pipe, layers, digests, sighting)
-                    except WatchError:
-                        continue
+                for start in range(0, len(layers), LEARN_SLICE):
+                    while True:
+                        try:
+                            new_layers += await self._learn(pipe, layers[start : start + LEARN_SLICE], sighting)
+                            break
+                        except WatchError:
+                            continue
+        return new_layers
 
-    async def _learn(
-        self, pipe: Pipeline, layers: tuple[ForeignLayer, ...], digests: list[str], sighting: Sighting
-    ) -> list[ForeignLayer]:
+    async def _learn(self, pipe: Pipeline, layers: tuple[ForeignLayer, ...], sighting: Sighting) -> list[ForeignLayer]:
+        digests = list(dict.fromkeys(layer.digest for layer in layers))
         await pipe.watch(LAYERS, HISTORY)
         stored_layers = cast(list[str | None], await pipe.hmget(LAYERS, digests))
         stored_history = cast(list[str | None], await pipe.hmget(HISTORY, digests))
@@ -235,6 +250,7 @@ class RedisStore:
         pipe.hset(LAYERS, mapping=encoded)
         pipe.hset(HISTORY, mapping={digest: _encode_history(current[digest][1]) for digest in digests})
         if encoded != before:
+            pipe.set(GENERATION, generation_base(), nx=True)
             pipe.incr(GENERATION)
             pipe.publish(CHANNEL, "learn")
         await pipe.execute()
@@ -289,7 +305,7 @@ class RedisStore:
                 return []
             removed: list[str] = await self._forget_script(
                 keys=[LAYERS, HISTORY, BYTES_KEPT_OUT, GENERATION, *map(_outcomes_key, unique_digests)],
-                args=[CHANNEL, *unique_digests],
+                args=[CHANNEL, generation_base(), *unique_digests],
             )
             return removed
 

@@ -6,20 +6,23 @@ Real processes throughout: redis-server, docker-registry, the gateways and hapro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 from support.clients import skopeo_copy, skopeo_inspect_raw
 from support.fixtures import GatewayFactory
 from support.gateway import GatewayProcess
 from support.images import Image, Layer, build_image, write_dir
-from support.processes import describe
+from support.processes import describe, require_binaries, run_checked
 from support.protocol import (
     push_image_blobs,
     push_monolithic_post,
@@ -31,6 +34,7 @@ from support.services import Haproxy, HaproxyFactory, RedisFactory, RedisServer
 from test_enforcement import teach
 
 from proxy.store import ForeignStore, open_store
+from proxy.store_redis import parse_redis_url
 
 PASSWORD = "replica-s3cret"
 PROPAGATION_LIMIT = 1.0  # seconds, from the issue: learned on replica A, enforced by replica B
@@ -77,7 +81,7 @@ def shared_replicas(
 
 
 def drops(gateway: GatewayProcess, layer: Layer) -> int:
-    return sum(1 for entry in gateway.events("decision") if (entry["digest"], entry["action"]) == (layer.digest, "drop"))
+    return sum(1 for entry in gateway.events("decision") if (entry.get("digest"), entry["action"]) == (layer.digest, "drop"))
 
 
 async def seconds_until_dropped(
@@ -100,13 +104,11 @@ async def seconds_until_dropped(
         await asyncio.sleep(0.02)
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> float:
-    """Seconds until `check` holds."""
+async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
     started = time.monotonic()
     while not await check():
         assert time.monotonic() - started < PATIENCE, f"no {what} after {PATIENCE} s"
         await asyncio.sleep(0.05)
-    return time.monotonic() - started
 
 
 def requests_served(gateway: GatewayProcess) -> list[tuple[str, str]]:
@@ -115,8 +117,8 @@ def requests_served(gateway: GatewayProcess) -> list[tuple[str, str]]:
 
 def upload_session(path: str) -> str | None:
     """The session id of /v2/REPO/blobs/uploads/ID; None for the POST that starts one."""
-    head, _, session = path.rpartition("/blobs/uploads/")
-    return session or None if head else None
+    _, marker, session = path.rpartition("/blobs/uploads/")
+    return session if marker and session else None
 
 
 async def test_a_push_through_the_balancer_is_spread_over_every_replica(
@@ -152,7 +154,9 @@ async def test_a_layer_learned_on_one_replica_is_enforced_by_the_others_within_a
     await teach(http, teacher.url, "win/base", image)
     taught = time.monotonic()
 
-    measured = [await seconds_until_dropped(http, other, image.foreign_layers[0], since=taught) for other in others]
+    measured = await asyncio.gather(
+        *(seconds_until_dropped(http, other, image.foreign_layers[0], since=taught) for other in others)
+    )
     print(f"learned on one replica, enforced by the others after {', '.join(f'{s:.3f}' for s in measured)} s")
     assert max(measured) < PROPAGATION_LIMIT
 
@@ -168,22 +172,26 @@ async def test_replicas_keep_enforcing_through_a_redis_outage_and_refill_an_empt
 
     await asyncio.to_thread(redis.stop)
     await eventually(lambda: noticed_outage(replicas.gateways), "store_error logged by every replica")
+    assert all(f"redis://{redis.host_port}/0: " in entry["error"] for entry in teacher.events("store_error"))
     await push_through(http, replicas.balancer, "team/app", build_image(34))
     for gateway in replicas.gateways:
         await seconds_until_dropped(http, gateway, before.foreign_layers[0], since=time.monotonic(), patience=0)
     await teach(http, teacher.url, "win/during", during)
     await seconds_until_dropped(http, teacher, during.foreign_layers[0], since=time.monotonic(), patience=0)
 
-    await asyncio.to_thread(redis.start)  # on the same port, empty: a failover to a server that had nothing
-    back = time.monotonic()
-    # A completed upload wakes the teacher's sync at once, so that it most likely writes to the new Redis
-    # before the others look: they must still notice that the store was reset.
-    await push_single_put(http, teacher.url, "team/wake", os.urandom(1000))
-    measured = [await seconds_until_dropped(http, other, during.foreign_layers[0], since=back) for other in others]
+    # The hardest order: the teacher writes to the new Redis before the others look (frozen meanwhile),
+    # so they find a store that has changed, not one that is empty, and must still see that it was reset.
     store = open_store(redis.url())
-    everything = {layer.digest for layer in (*before.foreign_layers, *during.foreign_layers)}
-    await eventually(lambda: stored_all(store, everything), "refill of the empty Redis")
-    refilled = time.monotonic() - back
+    with frozen(others):
+        await asyncio.to_thread(redis.start)  # on the same port, empty: a failover to a server that had nothing
+        await push_single_put(http, teacher.url, "team/wake", os.urandom(1000))  # a completed upload wakes its sync
+        await eventually(lambda: stored_all(store, digests(during)), "write of the teacher's unsaved layer")
+    thawed = time.monotonic()
+    measured = await asyncio.gather(
+        *(seconds_until_dropped(http, other, during.foreign_layers[0], since=thawed) for other in others)
+    )
+    await eventually(lambda: stored_all(store, digests(before) | digests(during)), "refill of the empty Redis")
+    refilled = time.monotonic() - thawed
     await store.close()
     print(f"after Redis came back empty: learned in the outage enforced by the others after "
           f"{', '.join(f'{s:.3f}' for s in measured)} s; Redis refilled after {refilled:.3f} s")  # fmt: skip
@@ -192,15 +200,66 @@ async def test_replicas_keep_enforcing_through_a_redis_outage_and_refill_an_empt
         assert PASSWORD not in gateway.process.log_text()
 
 
+@contextlib.contextmanager
+def frozen(gateways: Sequence[GatewayProcess]) -> Iterator[None]:
+    for gateway in gateways:
+        os.kill(gateway.process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for gateway in gateways:
+            os.kill(gateway.process.pid, signal.SIGCONT)
+
+
+def digests(image: Image) -> set[str]:
+    return {layer.digest for layer in image.foreign_layers}
+
+
 async def noticed_outage(gateways: Sequence[GatewayProcess]) -> bool:
     return all(gateway.events("store_error") for gateway in gateways)
 
 
-async def stored_all(store: ForeignStore, digests: set[str]) -> bool:
-    return digests <= set(await store.known())
+async def stored_all(store: ForeignStore, wanted: set[str]) -> bool:
+    return wanted <= set(await store.known())
 
 
 async def push_through(http: aiohttp.ClientSession, balancer: Haproxy, repository: str, image: Image) -> None:
     await push_image_blobs(http, balancer.url, repository, image.blobs.values())
     answer = await put_manifest(http, balancer.url, repository, "v1", image.manifest, image.media_type)
     assert answer.status == 201, answer
+
+
+CONFIG = Path(__file__).resolve().parent.parent / "config"
+
+
+def haproxy_servers(config: str) -> list[str]:
+    return [line.split()[1] for line in config.splitlines() if line.strip().startswith("server ")]
+
+
+def test_the_compose_example_balances_every_gateway_over_one_redis() -> None:
+    require_binaries("haproxy")
+    run_checked(["haproxy", "-c", "-q", "-f", CONFIG / "haproxy.cfg"], timeout=30)
+    services = yaml.safe_load((CONFIG / "docker-compose.replicas.yaml").read_text())["services"]
+    gateways = [name for name, service in services.items() if service["image"].startswith("foreign-layer-proxy")]
+
+    assert haproxy_servers((CONFIG / "haproxy.cfg").read_text()) == gateways
+    for name in gateways:
+        url = services[name]["environment"]["FOREIGN_LAYER_PROXY_STORE_URL"]
+        assert parse_redis_url(url.replace("${REDIS_PASSWORD:?set REDIS_PASSWORD}", "pw")).host in services
+
+
+def test_the_kubernetes_example_runs_three_replicas_on_the_redis_of_its_secret() -> None:
+    documents = {
+        (document["kind"], document["metadata"]["name"]): document
+        for document in yaml.safe_load_all((CONFIG / "kubernetes/replicas.yaml").read_text())
+    }
+    secret = documents["Secret", "foreign-layer-proxy-redis"]["stringData"]
+    gateway = documents["Deployment", "foreign-layer-proxy"]["spec"]
+    (container,) = gateway["template"]["spec"]["containers"]
+    (store_url,) = [env for env in container["env"] if env["name"] == "FOREIGN_LAYER_PROXY_STORE_URL"]
+
+    assert gateway["replicas"] == 3
+    assert store_url["valueFrom"]["secretKeyRef"] == {"name": "foreign-layer-proxy-redis", "key": "store-url"}
+    location = parse_redis_url(secret["store-url"])
+    assert (location.host, location.port, location.password) == ("foreign-layer-proxy-redis", 6379, secret["password"])
+    assert ("Service", location.host) in documents

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 import redis
 import redis.asyncio
+import trustme
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support.processes import free_port
+from support.processes import free_port, require_binaries
 from support.services import RedisFactory, RedisServer
 
 from proxy.manifests import ForeignLayer
@@ -484,18 +485,19 @@ async def test_two_stores_on_one_backend_see_each_others_writes(backend: Backend
         await cli.close()
 
 
-async def learn_in_another_process(url: str, digests: list[str]) -> None:
+async def in_another_process(script: str, *args: str | Path, prefix: tuple[str | Path, ...] = ()) -> str:
+    """Run a Python `script` on the project (after `prefix`, a command that execs the rest); its output."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        WRITER_PROCESS,
-        url,
-        *digests,
-        cwd=PROJECT_ROOT,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
+        *prefix, sys.executable, "-c", script, *args,
+        cwd=PROJECT_ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
     assert process.returncode == 0, stderr.decode()
+    return stdout.decode()
+
+
+async def learn_in_another_process(url: str, digests: list[str]) -> None:
+    await in_another_process(WRITER_PROCESS, url, *digests)
 
 
 @pytest.mark.parametrize("backend", SHARED_BACKENDS, indirect=True)
@@ -696,6 +698,39 @@ async def test_a_version_1_file_gains_upload_records_and_keeps_its_layers(db_pat
     await upgraded.close()
 
 
+READER_PROCESS = """
+import asyncio, sys
+from proxy.manifests import ForeignLayer
+from proxy.store import Sighting, StoreError, open_store
+
+async def read_then_write(url):
+    store = open_store(url)
+    print(sorted(await store.known()))
+    try:
+        await store.learn([ForeignLayer("sha256:" + "f" * 64, "x", 1)], Sighting("learn"))
+    except StoreError as error:
+        print(error)
+    await store.close()
+
+asyncio.run(read_then_write(sys.argv[1]))
+"""
+
+
+@pytest.mark.skipif(not RUNNING_AS_ROOT, reason="mounting a read-only folder needs root")
+async def test_a_file_in_a_read_only_folder_is_read_and_refuses_writes(db_path: Path) -> None:
+    require_binaries("unshare")
+    store = SqliteStore(db_path)
+    await store.learn([layer(1)], Sighting("learn"))
+    await store.close()  # the last connection removes the WAL files: nothing can be created beside the file
+    read_only_folder = ("unshare", "--mount", "--propagation", "private", "--",
+                        "sh", "-c", 'mount --bind -o ro "$1" "$1" && shift && exec "$@"', "sh", db_path.parent)  # fmt: skip
+
+    known, refusal = (await in_another_process(READER_PROCESS, f"sqlite://{db_path}", prefix=read_only_folder)).splitlines()
+
+    assert known == repr([digest(1)])
+    assert refusal == f"foreign-layer store {db_path}: attempt to write a readonly database"
+
+
 @pytest.mark.parametrize(
     ("url", "expected", "shown"),
     [
@@ -802,6 +837,29 @@ async def test_a_redis_that_stops_answering_fails_calls_after_the_short_timeout(
     assert waited < 5
     assert await store.known() == {digest(1): layer(1)}
     await store.close()
+
+
+async def test_rediss_checks_the_servers_certificate_against_the_trust_store(
+    redis_factory: RedisFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    authority = trustme.CA()
+    issued = authority.issue_cert("127.0.0.1")
+    chain, key, trusted_roots = tmp_path / "chain.pem", tmp_path / "key.pem", tmp_path / "roots.pem"
+    issued.cert_chain_pems[0].write_to_path(str(chain))
+    issued.private_key_pem.write_to_path(str(key))
+    authority.cert_pem.write_to_path(str(trusted_roots))
+    server = redis_factory(password="s3cret", certificate=(chain, key))
+
+    untrusting = open_store(server.url())
+    with pytest.raises(StoreError, match=f"rediss://{server.host_port}/0: .*certificate verify failed"):
+        await untrusting.known()
+    await untrusting.close()
+
+    monkeypatch.setenv("SSL_CERT_FILE", str(trusted_roots))
+    trusting = open_store(server.url())
+    await trusting.learn([layer(1)], Sighting("learn"))
+    assert await trusting.known() == {digest(1): layer(1)}
+    await trusting.close()
 
 
 async def test_a_wrong_password_is_a_store_error_that_shows_no_password(redis_factory: RedisFactory) -> None:

@@ -17,19 +17,28 @@ HOST = "127.0.0.1"
 
 class RedisServer:
     """An in-memory redis-server: `stop()` then `start()` gives a fresh, empty server on the same port,
-    as a failover to a replica that had nothing would."""
+    as a failover to a replica that had nothing would. With `certificate` (chain and key PEM files)
+    it speaks only TLS."""
 
-    def __init__(self, workdir: Path, *, password: str | None = None) -> None:
+    def __init__(
+        self, workdir: Path, *, password: str | None = None, certificate: tuple[Path, Path] | None = None
+    ) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.password = password
+        self.tls = certificate is not None
         command = [
-            "redis-server",
-            "--bind", HOST, "--port", str(self.port), "--dir", str(workdir),
+            "redis-server", "--bind", HOST, "--dir", str(workdir),
             "--save", "", "--appendonly", "no", "--daemonize", "no",
         ]  # fmt: skip
         if password is not None:
             command += ["--requirepass", password]
+        if certificate is None:
+            command += ["--port", str(self.port)]
+        else:
+            chain, key = certificate
+            command += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(chain),
+                        "--tls-key-file", str(key), "--tls-auth-clients", "no"]  # fmt: skip
         self.process = ManagedProcess(command, log_path=workdir / "redis.log")
 
     @property
@@ -38,7 +47,7 @@ class RedisServer:
 
     def url(self, db: int = 0) -> str:
         credentials = f":{self.password}@" if self.password is not None else ""
-        return f"redis://{credentials}{self.host_port}/{db}"
+        return f"{'rediss' if self.tls else 'redis'}://{credentials}{self.host_port}/{db}"
 
     def start(self) -> Self:
         self.process.start()
@@ -58,7 +67,11 @@ class RedisServer:
         os.kill(self.process.pid, signal.SIGCONT)
 
     def client(self, db: int = 0) -> redis.Redis:
-        return redis.Redis(HOST, self.port, db=db, password=self.password, decode_responses=True, socket_timeout=10)
+        """A client for setting up tests (it does not check the TLS certificate)."""
+        return redis.Redis(
+            HOST, self.port, db=db, password=self.password, decode_responses=True, socket_timeout=10,
+            ssl=self.tls, ssl_cert_reqs="none",
+        )  # fmt: skip
 
     def flush(self, db: int = 0) -> None:
         with self.client(db) as client:
@@ -119,7 +132,7 @@ class Haproxy:
 
 
 class RedisFactory(Protocol):
-    def __call__(self, *, password: str | None = None) -> RedisServer: ...
+    def __call__(self, *, password: str | None = None, certificate: tuple[Path, Path] | None = None) -> RedisServer: ...
 
 
 class HaproxyFactory(Protocol):
