@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -19,6 +20,7 @@ from proxy.manifests import FOREIGN_MEDIA_TYPES
 from proxy.policy import Action, Policy, Rule
 
 ENV_PREFIX = "FOREIGN_LAYER_PROXY_"
+USERINFO = re.compile(r"(//)[^/@]*@")
 
 
 class ConfigError(Exception):
@@ -81,12 +83,23 @@ def parse_optional_file(value: object) -> Path | None:
     return path
 
 
+def without_credentials(url: str) -> str:
+    """A URL for messages: whatever stands between `//` and `@` (user and password) replaced."""
+    return USERINFO.sub(r"\1***@", url)
+
+
 def parse_upstream_url(value: object) -> URL:
-    url = URL(str(value).strip())
+    text = str(value).strip()
+    try:
+        url = URL(text)
+    except ValueError:
+        raise ValueError(f"not a URL: {without_credentials(text)!r}") from None
     if url.scheme not in {"http", "https"} or not url.host:
-        raise ValueError(f"expected an http:// or https:// URL, got {str(value)!r}")
+        raise ValueError(f"expected an http:// or https:// URL, got {without_credentials(text)!r}")
     if url.path not in {"", "/"} or url.query_string or url.fragment or url.user or url.password:
-        raise ValueError(f"expected an origin like https://registry:5000 with no path or credentials, got {str(value)!r}")
+        raise ValueError(
+            f"expected an origin like https://registry:5000 with no path or credentials, got {without_credentials(text)!r}"
+        )
     return url.origin()
 
 
@@ -150,7 +163,9 @@ def parse_log_level(value: object) -> str:
 def parse_store_url(value: object) -> str:
     text = str(value).strip()
     if not text.partition("://")[1]:
-        raise ValueError(f"expected a store URL like sqlite:///path/db, memory:// or redis://host, got {text!r}")
+        raise ValueError(
+            f"expected a store URL like sqlite:///path/db, memory:// or redis://host, got {without_credentials(text)!r}"
+        )
     return text
 
 

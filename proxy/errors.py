@@ -28,6 +28,12 @@ UPSTREAM_BROKEN = ErrorKind("upstream_broken", "UNAVAILABLE", 502, "upstream reg
 FOREIGN_LAYER_DENIED = ErrorKind("foreign_layer_denied", "DENIED", 403, "foreign layer may not be pushed")
 FOREIGN_LAYER_MISUSED = ErrorKind("foreign_layer_misused", "MANIFEST_INVALID", 400, "manifest misuses a foreign layer")
 MANIFEST_TOO_LARGE = ErrorKind("manifest_too_large", "SIZE_INVALID", 413, "manifest larger than 4 MiB")
+FORM_ENCODED_PUSH = ErrorKind(
+    "form_encoded_push",
+    "UNSUPPORTED",
+    400,
+    "blob uploads with form-encoded bodies are not accepted: name the digest in the URL's query",
+)
 NOT_A_FORWARD_PROXY = ErrorKind(
     "not_a_forward_proxy",
     "UNSUPPORTED",

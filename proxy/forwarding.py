@@ -98,7 +98,26 @@ class Upstream:
             ) as response:
                 yield response
         except (TimeoutError, aiohttp.ClientError) as error:
+            if isinstance(error.__cause__, StreamAborted):
+                raise error.__cause__ from None  # the client's body failed while aiohttp was sending it
             raise translate(error) from error
+
+
+async def client_body(content: aiohttp.StreamReader, idle_timeout: float) -> AsyncIterator[bytes]:
+    """A request body as it arrives; a client that stops sending it for `idle_timeout` seconds is cut off.
+
+    Only the wait for the client is timed, not the time the upstream takes to accept what it was sent."""
+    while True:
+        try:
+            async with asyncio.timeout(idle_timeout):
+                chunk = await content.readany()
+        except TimeoutError:
+            raise StreamAborted(f"client sent no body bytes for {idle_timeout:g} s") from None
+        except ConnectionError:
+            raise StreamAborted("client closed the connection mid-body") from None
+        if not chunk:
+            return
+        yield chunk
 
 
 async def read_capped(content: aiohttp.StreamReader, cap: int) -> bytes | None:

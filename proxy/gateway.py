@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from dataclasses import replace
 
 from aiohttp import ClientResponse, HttpVersion11, web
@@ -15,12 +17,19 @@ from proxy.config import Settings
 from proxy.errors import (
     FOREIGN_LAYER_DENIED,
     FOREIGN_LAYER_MISUSED,
+    FORM_ENCODED_PUSH,
     MANIFEST_TOO_LARGE,
     UPSTREAM_BROKEN,
     GatewayError,
     add_foreign_layer_hint,
 )
-from proxy.forwarding import Upstream, read_capped, relay_body
+from proxy.forwarding import (
+    StreamAborted,
+    Upstream,
+    client_body,
+    read_capped,
+    relay_body,
+)
 from proxy.headers import (
     Origins,
     client_scheme_and_host,
@@ -60,6 +69,8 @@ PUSH_DIGEST_PARAMETERS: dict[RouteKind, tuple[str, ...]] = {
     RouteKind.UPLOAD_SESSION: ("digest",),
 }
 MANIFEST_CONTENT_TYPES = IMAGE_MANIFEST_TYPES | INDEX_TYPES
+# The registry (Go's FormValue) also reads `digest`, `mount` and `from` from bodies of these types.
+FORM_MEDIA_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data"})
 SEEN_MANIFESTS_CAPACITY = 8192
 
 
@@ -94,11 +105,11 @@ async def no_automatic_continue(request: web.Request) -> None:
     """Route expect-handler: aiohttp must not send 100 Continue before the policy decided."""
 
 
-async def drain(request: web.Request) -> None:
+async def drain(request: web.Request, idle_timeout: float) -> None:
     """Read and discard a request body the client is already sending, so that it reads our answer."""
     if expects_continue(request):
         return
-    while await request.content.readany():
+    async for _ in client_body(request.content, idle_timeout):
         pass
 
 
@@ -123,6 +134,9 @@ class Gateway:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         route = request[ROUTE]
+        pushing = route.kind in PUSH_DIGEST_PARAMETERS and request.method in {"POST", "PUT"}
+        if pushing and request.content_type in FORM_MEDIA_TYPES:
+            raise GatewayError(FORM_ENCODED_PUSH)
         decision = self.decide(request, route, self.policy)
         if decision is None and self.settings.policy.inspect_content and route.kind is RouteKind.UPLOAD_SESSION:
             return await self.forward_inspected(request, route)
@@ -155,7 +169,7 @@ class Gateway:
         if request.method == "PATCH" and request.body_exists:
             inspector = self.inspections.session(session)
             await send_continue(request)
-            body = inspected(request.content, inspector)
+            body = inspected(self.client_body(request), inspector)
             async with self.upstream.open("PATCH", request.raw_path, self.upstream_headers(request), body) as upstream:
                 return await self.respond(request, upstream, None)
         digests = self.pushed_digests(request, route.kind) if request.method == "PUT" else []
@@ -180,7 +194,7 @@ class Gateway:
         returns the target of the PUT that closes the session."""
         await send_continue(request)
         session_target, digest_items = split_query_parameter(request.raw_path, "digest")
-        body = inspected(request.content, inspector)
+        body = inspected(self.client_body(request), inspector)
         async with self.upstream.open("PATCH", session_target, self.upstream_headers(request), body) as upstream:
             await upstream.read()
             location = upstream.headers.get("Location")
@@ -221,7 +235,7 @@ class Gateway:
             request_id=request[REQUEST_ID],
         )
         kept_out = decision.layer.size if decision.action.blocks else 0
-        self.known.count(decision.layer.digest, decision.action.outcome, kept_out)
+        self.known.count(decision.layer.digest, decision.action.outcome, kept_out, decision.repository)
         self.metrics.decisions.labels(decision.action.outcome, decision.rule).inc()
         self.metrics.bytes_kept_out.inc(kept_out)
 
@@ -254,7 +268,7 @@ class Gateway:
                     "layer's foreign media type and urls, without uploading the blob",
                 },
             )
-        await drain(request)
+        await drain(request, self.settings.server.idle_timeout)
         return web.Response(
             status=201,
             headers={
@@ -282,6 +296,9 @@ class Gateway:
         scheme, host = client_scheme_and_host(request.headers, own_scheme, self.upstream.authority)
         return Origins(upstream=origin(self.upstream.origin.scheme, self.upstream.authority), client=origin(scheme, host))
 
+    def client_body(self, request: web.Request) -> AsyncIterator[bytes]:
+        return client_body(request.content, self.settings.server.idle_timeout)
+
     def upstream_headers(self, request: web.Request) -> CIMultiDict[str]:
         return upstream_request_headers(
             request.headers,
@@ -295,21 +312,28 @@ class Gateway:
     async def forward(self, request: web.Request) -> web.StreamResponse:
         if request.body_exists:
             await send_continue(request)
-        body = request.content if request.body_exists else None
+        body = self.client_body(request) if request.body_exists else None
         async with self.upstream.open(request.method, request.raw_path, self.upstream_headers(request), body) as upstream:
             return await self.respond(request, upstream, None)
 
     async def forward_manifest_put(self, request: web.Request, route: RouteMatch) -> web.StreamResponse:
         await send_continue(request)
-        body = await read_capped(request.content, MAX_MANIFEST_BYTES)
+        try:
+            async with asyncio.timeout(self.settings.server.idle_timeout):
+                body = await read_capped(request.content, MAX_MANIFEST_BYTES)
+        except TimeoutError:
+            raise StreamAborted("client did not send its manifest in time") from None
         if body is None:
             raise GatewayError(MANIFEST_TOO_LARGE, f"manifest larger than {MAX_MANIFEST_BYTES} bytes")
         repository = route.repository or ""
         manifest_digest = sha256_digest(body)
         review = await self.review(request, repository, body, request.content_type, self.settings.policy.manifest_check)
         if review is not None and review.misuses:
-            self.learn(review, "manifest-put", manifest_digest)
-            await self.report_leaks(request, review, cleanup=False)
+            # Anyone may send a manifest: of one the registry never saw, only layers whose blobs this
+            # repository just received (an uploader the registry let in) are learned.
+            leaked = await self.report_leaks(request, review, cleanup=False)
+            self.learn(replace(review, foreign=tuple(layer for layer in review.foreign if layer.digest in leaked)),
+                       "manifest-put", manifest_digest)  # fmt: skip
             raise self.refusal(request, review)
         async with self.upstream.open("PUT", request.raw_path, self.upstream_headers(request), body) as upstream:
             if review is None or not review.foreign:
@@ -390,7 +414,7 @@ class Gateway:
             },
         )
 
-    async def report_leaks(self, request: web.Request, review: ManifestReview, cleanup: bool) -> None:
+    async def report_leaks(self, request: web.Request, review: ManifestReview, cleanup: bool) -> set[str]:
         """Foreign blobs that reached the registry before anything marked them: logged, counted, cleaned up."""
         leaked = await self.known.uploaded_recently(review.repository, [layer.digest for layer in review.foreign])
         for layer in review.foreign:
@@ -398,10 +422,11 @@ class Gateway:
                 log_event(logger, logging.WARNING, "decision", action="leaked", rule=review.rule,
                           repository=review.repository, digest=layer.digest, size=layer.size,
                           client=request.remote, request_id=request[REQUEST_ID])  # fmt: skip
-                self.known.count(layer.digest, "leaked")
+                self.known.count(layer.digest, "leaked", repository=review.repository)
                 self.metrics.decisions.labels("leaked", review.rule).inc()
         if leaked and cleanup and review.action.blocks:
             self.cleaner.delete_later(review.repository, sorted(leaked))
+        return leaked
 
     async def explained_refusal(self, upstream: ClientResponse, review: ManifestReview) -> bytes | None:
         """The registry's own error for a manifest with foreign layers, with the likely cause added."""

@@ -12,8 +12,6 @@ import zlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 
-from aiohttp import StreamReader
-
 GZIP_WINDOW = 16 + zlib.MAX_WBITS
 MAX_INFLATED_CHUNK = 1024 * 1024
 MAX_SESSIONS = 4096
@@ -70,8 +68,8 @@ class UploadInspections:
         return inspector
 
 
-async def inspected(content: StreamReader, inspector: LayerInspector) -> AsyncIterator[bytes]:
+async def inspected(body: AsyncIterator[bytes], inspector: LayerInspector) -> AsyncIterator[bytes]:
     """The request body, passing every chunk through the inspector on its way upstream."""
-    async for chunk in content.iter_any():
+    async for chunk in body:
         inspector.feed(chunk)
         yield chunk

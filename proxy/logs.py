@@ -53,9 +53,22 @@ class TextFormatter(logging.Formatter):
         return text
 
 
+class DependencyDetailFilter(logging.Filter):
+    """aiohttp's own errors carry the raw bytes of a malformed request (an `Authorization` line among
+    them) in their messages and tracebacks: keep only what failed, never the request's content."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("aiohttp") and record.exc_info:
+            error = record.exc_info[1]
+            record.msg, record.args = "%s (%s)", (record.getMessage(), type(error).__name__)
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def configure_logging(level: str, log_format: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    handler.addFilter(DependencyDetailFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

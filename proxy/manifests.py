@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+GO_JSON_MAX_DEPTH = 10_000  # encoding/json's nesting limit: the registry rejects anything deeper
+RECURSION_HEADROOM = 200
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -102,11 +106,8 @@ def is_digest(value: object) -> bool:
 
 
 def _field(document: Mapping[str, Any], name: str, default: object = None) -> Any:
-    """A JSON field as the registry reads it: Go's decoder matches keys case-insensitively, exact match first."""
-    if name in document:
-        return document[name]
-    folded = name.casefold()
-    return next((value for key, value in document.items() if key.casefold() == folded), default)
+    """A field of an object from decode_json, whose keys are folded."""
+    return document.get(name.casefold(), default)
 
 
 def _descriptor(raw: object) -> Descriptor:
@@ -146,6 +147,31 @@ def _media_type(document: Mapping[str, Any], content_type: str | None) -> str:
     raise ManifestError("unknown manifest type")
 
 
+@contextmanager
+def registry_json_depth() -> Iterator[None]:
+    """Room to decode JSON as deep as the registry's decoder accepts (Go's limit), deeper than Python's default.
+
+    Python's limit is process-wide; decoding is synchronous, so nothing else runs at the raised limit
+    on this thread meanwhile."""
+    previous = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(previous, GO_JSON_MAX_DEPTH + RECURSION_HEADROOM))
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(previous)
+
+
+def _go_object(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object keyed as Go's decoder matches struct fields: case-insensitively, the last duplicate winning."""
+    return {key.casefold(): value for key, value in pairs}
+
+
+def decode_json(body: bytes) -> object:
+    """JSON as the registry's Go decoder reads it: UTF-8 only, invalid bytes replaced, keys folded."""
+    with registry_json_depth():
+        return json.loads(body.decode("utf-8", errors="replace"), object_pairs_hook=_go_object)
+
+
 def parse_manifest(body: bytes, content_type: str | None = None) -> Manifest:
     """Parse a Docker schema2 manifest or list, or an OCI manifest or index.
 
@@ -154,7 +180,7 @@ def parse_manifest(body: bytes, content_type: str | None = None) -> Manifest:
     if len(body) > MAX_MANIFEST_BYTES:
         raise ManifestError("manifest larger than 4 MiB")
     try:
-        document = json.loads(body)
+        document = decode_json(body)
     except (ValueError, RecursionError) as exc:
         raise ManifestError(f"invalid JSON: {exc.__class__.__name__}") from None
     if not isinstance(document, dict):
@@ -171,11 +197,11 @@ def parse_manifest(body: bytes, content_type: str | None = None) -> Manifest:
 def parse_diff_ids(config_body: bytes) -> tuple[str, ...]:
     """The `rootfs.diff_ids` of an image config, or () when it has none usable."""
     try:
-        document = json.loads(config_body)
+        document = decode_json(config_body)
     except (ValueError, RecursionError):
         return ()
-    rootfs = document.get("rootfs") if isinstance(document, dict) else None
-    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    rootfs = _field(document, "rootfs") if isinstance(document, dict) else None
+    diff_ids = _field(rootfs, "diff_ids") if isinstance(rootfs, dict) else None
     if not isinstance(diff_ids, list) or not all(is_digest(item) for item in diff_ids):
         return ()
     return tuple(diff_ids)
