@@ -34,6 +34,12 @@ FORM_ENCODED_PUSH = ErrorKind(
     400,
     "blob uploads with form-encoded bodies are not accepted: name the digest in the URL's query",
 )
+UNVERIFIABLE_DIGEST = ErrorKind(
+    "unverifiable_digest",
+    "DIGEST_INVALID",
+    400,
+    "this registry's gateway accepts blob pushes named by sha256 digests only (or with policy.inspect_content)",
+)
 NOT_A_FORWARD_PROXY = ErrorKind(
     "not_a_forward_proxy",
     "UNSUPPORTED",

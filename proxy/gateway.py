@@ -19,6 +19,7 @@ from proxy.errors import (
     FOREIGN_LAYER_MISUSED,
     FORM_ENCODED_PUSH,
     MANIFEST_TOO_LARGE,
+    UNVERIFIABLE_DIGEST,
     UPSTREAM_BROKEN,
     GatewayError,
     add_foreign_layer_hint,
@@ -134,9 +135,8 @@ class Gateway:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         route = request[ROUTE]
-        pushing = route.kind in PUSH_DIGEST_PARAMETERS and request.method in {"POST", "PUT"}
-        if pushing and request.content_type in FORM_MEDIA_TYPES:
-            raise GatewayError(FORM_ENCODED_PUSH)
+        if route.kind in PUSH_DIGEST_PARAMETERS and request.method in {"POST", "PUT"}:
+            self.refuse_unverifiable_push(request, route)
         decision = self.decide(request, route, self.policy)
         if decision is None and self.settings.policy.inspect_content and route.kind is RouteKind.UPLOAD_SESSION:
             return await self.forward_inspected(request, route)
@@ -147,6 +147,18 @@ class Gateway:
         if route.kind is RouteKind.MANIFEST and request.method == "GET":
             return await self.forward_manifest_get(request, route)
         return self.remember_upload(request, route, await self.forward(request))
+
+    def refuse_unverifiable_push(self, request: web.Request, route: RouteMatch) -> None:
+        """Pushes whose blob the gateway could not recognise: named in a form body (which the registry reads
+        too), or by a digest of another algorithm than the sha256 foreign layers are known by."""
+        if request.content_type in FORM_MEDIA_TYPES:
+            raise GatewayError(FORM_ENCODED_PUSH)
+        inspected_here = self.settings.policy.inspect_content and route.kind is RouteKind.UPLOAD_SESSION
+        if inspected_here or route.repository is None or not self.policy.rule_for(route.repository)[1].blocks:
+            return
+        other = [d for d in self.pushed_digests(request, route.kind) if not d.startswith("sha256:")]
+        if other:
+            raise GatewayError(UNVERIFIABLE_DIGEST, f"{UNVERIFIABLE_DIGEST.message} (got {other[0][:20]}...)")
 
     async def apply(self, request: web.Request, route: RouteMatch, decision: Decision) -> web.StreamResponse:
         request[DECISION] = decision
@@ -177,7 +189,9 @@ class Gateway:
             return await self.forward(request)
         inspector = self.inspections.finish(session) or LayerInspector()
         target = await self.append_body(request, inspector) if request.body_exists else request.raw_path
-        decision = self.policy.decide(route.repository, [inspector.diff_id() or ""], {}, self.known.diff_ids)
+        decision = self.policy.decide(route.repository, [inspector.digest()], self.known.layers) or self.policy.decide(
+            route.repository, [inspector.diff_id() or ""], {}, self.known.diff_ids
+        )
         if decision is not None:
             layer = replace(decision.layer, digest=digests[0], size=inspector.size)
             self.known.learn([layer], Sighting("inspection", route.repository))

@@ -1,6 +1,6 @@
-"""Opt-in content inspection (`policy.inspect_content`): the uncompressed digest (diff_id) of a gzip
-blob, computed while it streams through, so that a recompressed foreign layer is recognised at its
-closing PUT, before the registry commits it. Upload sessions are kept in this process: behind a
+"""Opt-in content inspection (`policy.inspect_content`): the sha256 and the uncompressed digest (diff_id)
+of a blob, computed while it streams through, so that a recompressed foreign layer, or one named by
+another digest algorithm, is recognised at its closing PUT, before the registry commits it. Upload sessions are kept in this process: behind a
 load balancer, inspection needs requests of one session to reach one replica (sticky sessions).
 """
 
@@ -23,11 +23,13 @@ class LayerInspector:
     def __init__(self) -> None:
         self._inflate = zlib.decompressobj(GZIP_WINDOW)
         self._hash = hashlib.sha256()
+        self._raw_hash = hashlib.sha256()
         self.failed = False
         self.size = 0
 
     def feed(self, chunk: bytes) -> None:
         self.size += len(chunk)
+        self._raw_hash.update(chunk)
         if self.failed:
             return
         try:
@@ -41,6 +43,10 @@ class LayerInspector:
                     self._inflate = zlib.decompressobj(GZIP_WINDOW)
         except zlib.error:
             self.failed = True
+
+    def digest(self) -> str:
+        """The sha256 of the blob as sent, whatever digest the client names it by."""
+        return "sha256:" + self._raw_hash.hexdigest()
 
     def diff_id(self) -> str | None:
         if self.failed or not self._inflate.eof:

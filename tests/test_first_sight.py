@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +24,7 @@ from support.protocol import (
     push_single_put,
     push_streamed,
     put_manifest,
+    start_upload,
 )
 from support.registry import Registry, RegistryConfig, RegistryFactory, make_htpasswd
 from test_enforcement import teach, upstream_has
@@ -222,3 +224,18 @@ async def test_inspect_content_stops_a_recompressed_foreign_layer_at_its_closing
     passed = await pushes[way](ordinary)
     assert passed.status == 201
     assert registry.blob_data_path(digest_of(ordinary)).read_bytes() == ordinary
+
+
+async def test_inspect_content_recognises_a_foreign_layer_named_by_another_digest_algorithm(
+    gateway_factory: GatewayFactory, registry: Registry, http: aiohttp.ClientSession
+) -> None:
+    image = build_image(59, foreign=1, os="windows")
+    gateway = gateway_factory(registry, config={"policy": {"inspect_content": True}})
+    await teach(http, gateway.url, "win/base", image)
+    foreign = image.foreign_layers[0]
+    sha512 = "sha512:" + hashlib.sha512(foreign.data).hexdigest()
+    location = await start_upload(http, gateway.url, "win/sha512")
+    answer = await call(http, "PUT", location.update_query(digest=sha512), data=foreign.data)
+    assert (answer.status, answer.headers["Docker-Content-Digest"]) == (201, sha512)
+    assert not await upstream_has(http, registry, "win/sha512", foreign.digest)
+    assert not registry.blob_data_path(foreign.digest).exists()
