@@ -41,10 +41,12 @@ from proxy.sources import (
     parse_registry_root,
     scan,
 )
-from proxy.store import ForeignStore, StoreError, open_store
+from proxy.store import ForeignStore, RepositoryStats, StoreError, open_store
 
 logger = logging.getLogger("foreign_layer_proxy")
 PROGRAM = "foreign-layer-proxy"
+STATS_OUTCOMES = ("dropped", "rejected", "leaked", "audited")
+BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
 
 def _store_options(parser: argparse.ArgumentParser) -> None:
@@ -89,7 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     digests = commands.add_parser("digests", help="list the known foreign layers")
     _store_options(digests)
-    digests.add_argument("--json", action="store_true", help="one JSON object per digest")
+    digests.add_argument("--stats", action="store_true",
+                         help="per repository: how often pushes were dropped, rejected, leaked or audited, "
+                              "and the bytes kept out of the registry")
+    digests.add_argument("--json", action="store_true", help="one JSON object per digest (per repository with --stats)")
 
     forget = commands.add_parser("forget", help="remove digests from the store")
     _store_options(forget)
@@ -289,6 +294,31 @@ async def list_digests(store: ForeignStore, as_json: bool) -> None:
         print(f"{record.layer.digest:<71} {record.layer.size:>12} {blocked:>7}  {record.layer.media_type} / {seen_in}")
 
 
+async def list_repository_stats(store: ForeignStore, as_json: bool) -> None:
+    stats = await store.repository_stats()
+    if as_json:
+        for repository in stats:
+            print(json.dumps(asdict(repository)))
+        return
+    total = RepositoryStats(
+        "TOTAL",
+        {outcome: sum(repository.outcomes.get(outcome, 0) for repository in stats) for outcome in STATS_OUTCOMES},
+        sum(repository.bytes_kept_out for repository in stats),
+    )
+    width = max([len("REPOSITORY"), *(len(repository.repository) for repository in stats)])
+    print(f"{'REPOSITORY':<{width}}  {'  '.join(outcome.upper() for outcome in STATS_OUTCOMES)}  BYTES KEPT OUT")
+    for repository in (*stats, total):
+        counts = "  ".join(f"{repository.outcomes.get(outcome, 0):>{len(outcome)}}" for outcome in STATS_OUTCOMES)
+        nbytes = repository.bytes_kept_out
+        print(f"{repository.repository:<{width}}  {counts}  {human_bytes(nbytes):>10} ({nbytes})")
+
+
+def human_bytes(nbytes: int) -> str:
+    """In the largest binary unit that leaves at least 1, e.g. "1.5 KiB"; whole bytes below 1 KiB."""
+    exponent = min((max(nbytes, 1).bit_length() - 1) // 10, len(BYTE_UNITS) - 1)
+    return f"{nbytes} B" if exponent == 0 else f"{nbytes / 1024**exponent:.1f} {BYTE_UNITS[exponent]}"
+
+
 async def forget(store: ForeignStore, digests: Sequence[str]) -> int:
     malformed = [digest for digest in digests if not is_digest(digest)]
     if malformed:
@@ -308,7 +338,7 @@ async def run_store_command(settings: Settings, args: argparse.Namespace) -> int
         if args.command == "learn":
             await learn(settings, args, store)
         elif args.command == "digests":
-            await list_digests(store, args.json)
+            await (list_repository_stats if args.stats else list_digests)(store, args.json)
         else:
             return await forget(store, args.digests)
         return 0

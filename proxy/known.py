@@ -34,6 +34,7 @@ class _Counted:
     digest: str
     outcome: str
     nbytes: int
+    repository: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,9 +83,9 @@ class KnownForeign:
             self._queue(_Learned(layers, sighting))
         return new
 
-    def count(self, digest: str, outcome: str, nbytes: int = 0) -> None:
+    def count(self, digest: str, outcome: str, nbytes: int = 0, repository: str | None = None) -> None:
         if self._pending.qsize() < MAX_PENDING_RECORDS:
-            self._pending.put_nowait(_Counted(digest, outcome, nbytes))
+            self._pending.put_nowait(_Counted(digest, outcome, nbytes, repository))
 
     def record_upload(self, repository: str, digest: str, ttl: float) -> None:
         """A blob upload completed: kept for leak detection, here and (for other replicas) in the store."""
@@ -164,7 +165,7 @@ class KnownForeign:
                     if self._unsaved.get(layer.digest) is layer:
                         del self._unsaved[layer.digest]
             elif isinstance(change, _Counted):
-                await self.store.count(change.digest, change.outcome, change.nbytes)
+                await self.store.count(change.digest, change.outcome, change.nbytes, change.repository)
             else:
                 await self.store.record_upload(change.repository, change.digest, change.ttl)
         except StoreError:

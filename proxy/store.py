@@ -44,6 +44,15 @@ class ForeignRecord:
     bytes_kept_out: int
 
 
+@dataclass(frozen=True, slots=True)
+class RepositoryStats:
+    """What count() saw for one repository: calls per outcome, and the sum of their nbytes."""
+
+    repository: str
+    outcomes: Mapping[str, int]
+    bytes_kept_out: int
+
+
 class StoreError(Exception):
     """The store's backend failed; the message names the backend (the SQLite file, the Redis URL without password)."""
 
@@ -64,8 +73,14 @@ class ForeignStore(Protocol):
     async def forget(self, digests: Iterable[str]) -> list[str]:
         """Remove the digests; returns those that were known."""
 
-    async def count(self, digest: str, outcome: str, nbytes: int = 0) -> None:
-        """Record one outcome for a known digest; an unknown digest is ignored."""
+    async def count(self, digest: str, outcome: str, nbytes: int = 0, repository: str | None = None) -> None:
+        """Record one outcome for a known digest (an unknown one is not recorded) and for `repository`, if given.
+
+        The repository's totals count every digest, known or not, and outlive `forget`.
+        """
+
+    async def repository_stats(self) -> list[RepositoryStats]:
+        """Every repository that was counted, by bytes kept out (most first), then by name."""
 
     async def generation(self) -> int:
         """Cheap; differs after any change to what `known()` answers, committed by any process sharing the store.
@@ -135,6 +150,10 @@ def _sqlite_path(url: str, location: str) -> Path:
     return Path(location).absolute()
 
 
+def by_bytes_kept_out(stats: Iterable[RepositoryStats]) -> list[RepositoryStats]:
+    return sorted(stats, key=lambda repository: (-repository.bytes_kept_out, repository.repository))
+
+
 def with_gaps_filled(known: ForeignLayer, later: ForeignLayer) -> ForeignLayer:
     return replace(
         known,
@@ -150,6 +169,7 @@ class MemoryStore:
         self._clock = clock
         self._records: dict[str, ForeignRecord] = {}
         self._uploads: dict[tuple[str, str], float] = {}
+        self._repositories: dict[str, RepositoryStats] = {}
         self._generation = 0
         self._closed = False
 
@@ -188,16 +208,17 @@ class MemoryStore:
             self._generation += 1
         return removed
 
-    async def count(self, digest: str, outcome: str, nbytes: int = 0) -> None:
+    async def count(self, digest: str, outcome: str, nbytes: int = 0, repository: str | None = None) -> None:
         self._check_open()
-        record = self._records.get(digest)
-        if record is None:
-            return
-        self._records[digest] = replace(
-            record,
-            outcomes={**record.outcomes, outcome: record.outcomes.get(outcome, 0) + 1},
-            bytes_kept_out=record.bytes_kept_out + nbytes,
-        )
+        if (record := self._records.get(digest)) is not None:
+            self._records[digest] = _counted(record, outcome, nbytes)
+        if repository is not None:
+            stats = self._repositories.get(repository, RepositoryStats(repository, {}, 0))
+            self._repositories[repository] = _counted(stats, outcome, nbytes)
+
+    async def repository_stats(self) -> list[RepositoryStats]:
+        self._check_open()
+        return by_bytes_kept_out(replace(stats, outcomes=dict(stats.outcomes)) for stats in self._repositories.values())
 
     async def generation(self) -> int:
         self._check_open()
@@ -223,7 +244,15 @@ class MemoryStore:
             raise StoreError("memory store is closed")
 
 
-SCHEMA_VERSION = 2
+Counted = TypeVar("Counted", ForeignRecord, RepositoryStats)
+
+
+def _counted(counted: Counted, outcome: str, nbytes: int) -> Counted:
+    outcomes = {**counted.outcomes, outcome: counted.outcomes.get(outcome, 0) + 1}
+    return replace(counted, outcomes=outcomes, bytes_kept_out=counted.bytes_kept_out + nbytes)
+
+
+SCHEMA_VERSION = 3
 
 SCHEMA = (
     """
@@ -269,6 +298,16 @@ SCHEMA = (
     ) WITHOUT ROWID
     """,
     "CREATE INDEX IF NOT EXISTS uploads_by_expiry ON uploads (expires_at)",
+    # Version 3: counts per repository (an older file gains the table on first use).
+    """
+    CREATE TABLE IF NOT EXISTS repository_outcomes (
+        repository TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        bytes_kept_out INTEGER NOT NULL,
+        PRIMARY KEY (repository, outcome)
+    ) WITHOUT ROWID
+    """,
     f"PRAGMA user_version = {SCHEMA_VERSION}",
 )
 
@@ -391,8 +430,17 @@ class SqliteStore:
 
         return await self._write(delete_layers)
 
-    async def count(self, digest: str, outcome: str, nbytes: int = 0) -> None:
+    async def count(self, digest: str, outcome: str, nbytes: int = 0, repository: str | None = None) -> None:
         def count_outcome(connection: sqlite3.Connection) -> None:
+            if repository is not None:
+                connection.execute(
+                    """
+                    INSERT INTO repository_outcomes (repository, outcome, count, bytes_kept_out) VALUES (?, ?, 1, ?)
+                    ON CONFLICT (repository, outcome) DO UPDATE SET
+                        count = count + 1, bytes_kept_out = bytes_kept_out + excluded.bytes_kept_out
+                    """,
+                    (repository, outcome, nbytes),
+                )
             known = connection.execute(
                 "UPDATE foreign_layers SET bytes_kept_out = bytes_kept_out + ? WHERE digest = ?",
                 (nbytes, digest),
@@ -407,6 +455,18 @@ class SqliteStore:
                 )
 
         await self._transaction(count_outcome)
+
+    async def repository_stats(self) -> list[RepositoryStats]:
+        def select_stats(connection: sqlite3.Connection) -> list[RepositoryStats]:
+            rows = connection.execute(
+                """
+                SELECT repository, json_group_object(outcome, count), sum(bytes_kept_out)
+                FROM repository_outcomes GROUP BY repository
+                """
+            )
+            return by_bytes_kept_out(RepositoryStats(name, json.loads(outcomes), total) for name, outcomes, total in rows)
+
+        return await self._run(select_stats)
 
     async def generation(self) -> int:
         def select_generation(connection: sqlite3.Connection) -> int:

@@ -5,6 +5,8 @@ Keys (all under PREFIX, in the URL's database):
     history           HASH digest -> JSON [first source, repository, manifest, first_seen, last ..., last_seen]
     bytes-kept-out    HASH digest -> int
     outcomes:DIGEST   HASH outcome -> count
+    repository-bytes-kept-out      HASH repository -> int (every repository counted, even with 0 bytes)
+    repository-outcomes:REPOSITORY HASH outcome -> count
     generation        INT, INCR'd in the transaction of every change to `layers`; see generation_base()
     upload:REPO@DIGEST  "1" with a TTL (leak detection)
 Every change to `layers` is also PUBLISHed on CHANNEL, so a subscriber may react before its next generation poll.
@@ -32,8 +34,10 @@ from proxy.manifests import ForeignLayer
 from proxy.store import (
     Clock,
     ForeignRecord,
+    RepositoryStats,
     Sighting,
     StoreError,
+    by_bytes_kept_out,
     upload_expiry,
     with_gaps_filled,
     without_password,
@@ -43,6 +47,7 @@ PREFIX = "foreign-layer-proxy:"
 LAYERS = PREFIX + "layers"
 HISTORY = PREFIX + "history"
 BYTES_KEPT_OUT = PREFIX + "bytes-kept-out"
+REPOSITORY_BYTES_KEPT_OUT = PREFIX + "repository-bytes-kept-out"
 GENERATION = PREFIX + "generation"
 CHANNEL = PREFIX + "changes"
 DEFAULT_PORT = 6379
@@ -50,8 +55,13 @@ DEFAULT_TIMEOUT = 2.0
 KNOWN_SLICE = 1000
 LEARN_SLICE = 1000
 
-# KEYS: layers, outcomes:DIGEST, bytes-kept-out. ARGV: digest, outcome, nbytes.
+# KEYS: layers, outcomes:DIGEST, bytes-kept-out[, repository-outcomes:REPOSITORY, repository-bytes-kept-out].
+# ARGV: digest, outcome, nbytes[, repository].
 COUNT_SCRIPT = """
+if #KEYS == 5 then
+    redis.call('HINCRBY', KEYS[4], ARGV[2], 1)
+    redis.call('HINCRBY', KEYS[5], ARGV[4], ARGV[3])
+end
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
 redis.call('HINCRBY', KEYS[3], ARGV[1], ARGV[3])
@@ -167,6 +177,14 @@ def generation_base() -> int:
 
 def _outcomes_key(digest: str) -> str:
     return f"{PREFIX}outcomes:{digest}"
+
+
+def _repository_outcomes_key(repository: str) -> str:
+    return f"{PREFIX}repository-outcomes:{repository}"
+
+
+def _decode_counts(counts: dict[str, str]) -> dict[str, int]:
+    return {outcome: int(count) for outcome, count in counts.items()}
 
 
 def _upload_key(repository: str, digest: str) -> str:
@@ -292,7 +310,7 @@ class RedisStore:
                         last_sighting=history.last_sighting,
                         first_seen=history.first_seen,
                         last_seen=history.last_seen,
-                        outcomes={outcome: int(count) for outcome, count in counts.items()},
+                        outcomes=_decode_counts(counts),
                         bytes_kept_out=int(kept_out.get(digest, 0)),
                     )
                 )
@@ -309,9 +327,26 @@ class RedisStore:
             )
             return removed
 
-    async def count(self, digest: str, outcome: str, nbytes: int = 0) -> None:
+    async def count(self, digest: str, outcome: str, nbytes: int = 0, repository: str | None = None) -> None:
+        keys = [LAYERS, _outcomes_key(digest), BYTES_KEPT_OUT]
+        args: list[EncodableT] = [digest, outcome, nbytes]
+        if repository is not None:
+            keys += [_repository_outcomes_key(repository), REPOSITORY_BYTES_KEPT_OUT]
+            args.append(repository)
         with self._backend_errors():
-            await self._count_script(keys=[LAYERS, _outcomes_key(digest), BYTES_KEPT_OUT], args=[digest, outcome, nbytes])
+            await self._count_script(keys=keys, args=args)
+
+    async def repository_stats(self) -> list[RepositoryStats]:
+        with self._backend_errors():
+            kept_out = cast(dict[str, str], await self._client.hgetall(REPOSITORY_BYTES_KEPT_OUT))
+            async with self._client.pipeline(transaction=False) as pipe:
+                for repository in kept_out:
+                    pipe.hgetall(_repository_outcomes_key(repository))
+                outcomes = cast(list[dict[str, str]], await pipe.execute())
+            return by_bytes_kept_out(
+                RepositoryStats(repository, _decode_counts(counts), int(nbytes))
+                for (repository, nbytes), counts in zip(kept_out.items(), outcomes, strict=True)
+            )
 
     async def generation(self) -> int:
         with self._backend_errors():

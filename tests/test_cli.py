@@ -23,7 +23,12 @@ from support.images import (
     write_oci_layout,
 )
 from support.processes import describe, free_port, run
-from support.protocol import push_image_blobs, push_single_put, put_manifest
+from support.protocol import (
+    push_chunked,
+    push_image_blobs,
+    push_single_put,
+    put_manifest,
+)
 from support.registry import Registry
 from test_enforcement import teach
 
@@ -180,6 +185,44 @@ async def test_digests_show_what_was_learned_and_where(
         record = records[layer.digest]
         assert (record["layer"]["media_type"], record["layer"]["size"]) == (layer.media_type, layer.size)
         assert (record["first_sighting"]["source"], record["first_sighting"]["repository"]) == (how, repository)
+
+
+async def test_digests_stats_show_what_the_gateway_kept_out_of_each_repository(
+    gateway_factory: GatewayFactory, registry: Registry, http: aiohttp.ClientSession, store: str
+) -> None:
+    image = build_image(68, foreign=2, os="windows")
+    first, second = image.foreign_layers
+    gateway = gateway_factory(registry, store=store, args=["--action", "drop"])
+    await teach(http, gateway.url, "win/base", image)
+    for push, repository, layer in [
+        (push_single_put, "win/app", first),
+        (push_single_put, "win/app", second),
+        (push_chunked, "win/other", first),
+    ]:
+        answer = await push(http, gateway.url, repository, layer.data)
+        assert answer.status == 201, answer
+    expected = [
+        {"repository": "win/app", "outcomes": {"dropped": 2}, "bytes_kept_out": first.size + second.size},
+        {"repository": "win/other", "outcomes": {"dropped": 1}, "bytes_kept_out": first.size},
+    ]
+
+    for _ in range(50):  # the gateway writes counts to the store in the background, every half second
+        shown = await asyncio.to_thread(lambda: json_lines(cli("digests", "--stats", "--json", "--store", store)))
+        if shown == expected:
+            break
+        await asyncio.sleep(0.1)
+    table = succeeded(await asyncio.to_thread(cli, "digests", "--stats", "--store", store)).stdout.splitlines()
+
+    assert shown == expected
+    header, *rows = table
+    assert header.split() == ["REPOSITORY", "DROPPED", "REJECTED", "LEAKED", "AUDITED", "BYTES", "KEPT", "OUT"]
+    assert [row.split()[:5] for row in rows] == [
+        ["win/app", "2", "0", "0", "0"],
+        ["win/other", "1", "0", "0", "0"],
+        ["TOTAL", "3", "0", "0", "0"],
+    ], table
+    for row, kept_out in zip(rows, [first.size + second.size, first.size, 2 * first.size + second.size], strict=True):
+        assert row.split()[5:] == [f"{kept_out / 1024:.1f}", "KiB", f"({kept_out})"], row
 
 
 def test_forget_removes_a_digest_and_tells_about_unknown_and_malformed_ones(store: str, tmp_path: Path) -> None:

@@ -24,10 +24,12 @@ from support.services import RedisFactory, RedisServer
 
 from proxy.manifests import ForeignLayer
 from proxy.store import (
+    SCHEMA_VERSION,
     Clock,
     ForeignRecord,
     ForeignStore,
     MemoryStore,
+    RepositoryStats,
     Sighting,
     SqliteStore,
     StoreError,
@@ -240,10 +242,10 @@ async def test_count_accumulates_per_outcome_and_ignores_unknown_digests(store: 
     await store.learn([layer(1), layer(2)], Sighting("learn"))
 
     await store.count(digest(1), "dropped", 1001)
-    await store.count(digest(1), "dropped", 1001)
-    await store.count(digest(1), "leaked")
+    await store.count(digest(1), "dropped", 1001, "team/app")
+    await store.count(digest(1), "leaked", repository="team/other")
     await store.count(digest(2), "rejected", 5)
-    await store.count(digest(9), "dropped", 1_000_000)
+    await store.count(digest(9), "dropped", 1_000_000, "team/app")
 
     first, second = await store.records()
     assert (first.outcomes, first.bytes_kept_out) == ({"dropped": 2, "leaked": 1}, 2002)
@@ -251,14 +253,74 @@ async def test_count_accumulates_per_outcome_and_ignores_unknown_digests(store: 
     assert [record.layer.digest for record in await store.records()] == [digest(1), digest(2)]
 
 
-async def test_records_are_sorted_by_digest_and_are_copies(store: ForeignStore) -> None:
+async def test_records_are_sorted_by_digest_and_answers_are_copies(store: ForeignStore) -> None:
     await store.learn([layer(3), layer(1), layer(2)], Sighting("learn"))
-    await store.count(digest(1), "dropped")
+    await store.count(digest(1), "dropped", repository="team/app")
 
     records = await store.records()
     assert [record.layer for record in records] == [layer(1), layer(2), layer(3)]
     records[0].outcomes["dropped"] = 99  # type: ignore[index]
+    (await store.repository_stats())[0].outcomes["dropped"] = 99  # type: ignore[index]
     assert (await store.records())[0].outcomes == {"dropped": 1}
+    assert (await store.repository_stats())[0].outcomes == {"dropped": 1}
+
+
+# count() calls: (layer number, outcome, nbytes, repository); layers 1 and 2 are known, 9 is not.
+Count = tuple[int, str, int, str | None]
+
+
+@pytest.mark.parametrize(
+    ("counts", "expected"),
+    [
+        pytest.param([], [], id="nothing-counted"),
+        pytest.param([(1, "dropped", 10, None)], [], id="no-repository-given"),
+        pytest.param(
+            [
+                (1, "dropped", 10, "team/app"),
+                (1, "dropped", 10, "team/app"),
+                (2, "rejected", 5, "team/app"),
+                (1, "leaked", 0, "team/app"),
+                (2, "audited", 0, "team/app"),
+                (1, "dropped", 7, None),
+            ],
+            [RepositoryStats("team/app", {"dropped": 2, "rejected": 1, "leaked": 1, "audited": 1}, 25)],
+            id="outcomes-and-bytes-add-up",
+        ),
+        pytest.param(
+            [(9, "dropped", 100, "team/app"), (9, "leaked", 0, "team/other")],
+            [RepositoryStats("team/app", {"dropped": 1}, 100), RepositoryStats("team/other", {"leaked": 1}, 0)],
+            id="unknown-digests-count-for-their-repository",
+        ),
+        pytest.param(
+            [
+                (1, "audited", 0, "c/none"),
+                (1, "dropped", 5, "b/low"),
+                (2, "dropped", 50, "z/high"),
+                (9, "rejected", 5, "a/low"),
+                (2, "allowed", 0, "a/none"),
+            ],
+            [
+                RepositoryStats("z/high", {"dropped": 1}, 50),
+                RepositoryStats("a/low", {"rejected": 1}, 5),
+                RepositoryStats("b/low", {"dropped": 1}, 5),
+                RepositoryStats("a/none", {"allowed": 1}, 0),
+                RepositoryStats("c/none", {"audited": 1}, 0),
+            ],
+            id="most-bytes-kept-out-first-then-by-name",
+        ),
+    ],
+)
+async def test_repository_stats_add_up_the_counts_per_repository_and_outlive_forget(
+    store: ForeignStore, counts: list[Count], expected: list[RepositoryStats]
+) -> None:
+    await store.learn([layer(1), layer(2)], Sighting("learn"))
+
+    for number, outcome, nbytes, repository in counts:
+        await store.count(digest(number), outcome, nbytes, repository)
+
+    assert await store.repository_stats() == expected
+    await store.forget([digest(1), digest(2)])
+    assert await store.repository_stats() == expected
 
 
 # Writes that change what known() answers (layers 1 and 2 are known)...
@@ -277,6 +339,9 @@ NO_CHANGES: dict[str, Callable[[ForeignStore], Awaitable[object]]] = {
     "learn-nothing": lambda store: store.learn([], Sighting("learn")),
     "forget-unknown": lambda store: store.forget([digest(9)]),
     "count-unknown": lambda store: store.count(digest(9), "dropped", 10),
+    "count-for-a-repository": lambda store: store.count(digest(1), "dropped", 10, "team/app"),
+    "count-unknown-for-a-repository": lambda store: store.count(digest(9), "dropped", 10, "team/app"),
+    "repository-stats": lambda store: store.repository_stats(),
     "record-upload": lambda store: store.record_upload("team/app", digest(1), 60),
     "recent-uploads": lambda store: store.recent_uploads("team/app", [digest(1)]),
 }
@@ -319,10 +384,11 @@ async def test_a_closed_store_refuses_calls(store: ForeignStore) -> None:
 
 async def test_concurrent_calls_on_one_store_all_land(store: ForeignStore) -> None:
     new_layers = await asyncio.gather(*(store.learn([layer(n)], Sighting("learn")) for n in range(40)))
-    await asyncio.gather(*(store.count(digest(n % 4), "dropped", 1) for n in range(40)))
+    await asyncio.gather(*(store.count(digest(n % 4), "dropped", 1, f"team/{n % 2}") for n in range(40)))
 
     assert sorted(new[0].digest for new in new_layers) == [digest(n) for n in range(40)]
     assert [record.outcomes for record in (await store.records())[:4]] == [{"dropped": 10}] * 4
+    assert await store.repository_stats() == [RepositoryStats(f"team/{n}", {"dropped": 20}, 20) for n in (0, 1)]
 
 
 async def test_a_large_store_is_read_whole(store: ForeignStore) -> None:
@@ -454,12 +520,13 @@ async def test_opening_touches_nothing_until_first_use(db_path: Path) -> None:
 async def test_everything_survives_close_and_reopen(db_path: Path, clock: FakeClock) -> None:
     store = SqliteStore(db_path, clock=clock)
     await store.learn([layer(1, urls=("https://a/1",), diff_id=digest(50)), layer(2)], Sighting("manifest-put", "a/b"))
-    await store.count(digest(1), "dropped", 1001)
-    records, generation = await store.records(), await store.generation()
+    await store.count(digest(1), "dropped", 1001, "a/b")
+    records, stats, generation = await store.records(), await store.repository_stats(), await store.generation()
     await store.close()
 
     reopened = SqliteStore(db_path)
     assert await reopened.records() == records
+    assert await reopened.repository_stats() == stats
     assert await reopened.generation() == generation
     await reopened.close()
 
@@ -473,8 +540,9 @@ async def test_two_stores_on_one_backend_see_each_others_writes(backend: Backend
         assert await gateway.generation() != seen
         assert await gateway.known() == {digest(1): layer(1)}
 
-        await gateway.count(digest(1), "dropped", 1001)
+        await gateway.count(digest(1), "dropped", 1001, "team/app")
         assert (await cli.records())[0].outcomes == {"dropped": 1}
+        assert await cli.repository_stats() == [RepositoryStats("team/app", {"dropped": 1}, 1001)]
 
         seen = await gateway.generation()
         assert await cli.forget([digest(1)]) == [digest(1)]
@@ -684,18 +752,34 @@ async def test_expired_uploads_are_purged_by_later_records(db_path: Path, clock:
         assert connection.execute("SELECT digest FROM uploads").fetchall() == [(digest(9),)]
 
 
-async def test_a_version_1_file_gains_upload_records_and_keeps_its_layers(db_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("version", "tables_added_since"),
+    [
+        pytest.param(1, ("uploads", "repository_outcomes"), id="version-1"),
+        pytest.param(2, ("repository_outcomes",), id="version-2"),
+    ],
+)
+async def test_an_older_file_is_upgraded_in_place_and_keeps_its_records(
+    db_path: Path, version: int, tables_added_since: tuple[str, ...]
+) -> None:
     store = SqliteStore(db_path)
     await store.learn([layer(1)], Sighting("learn"))
+    await store.count(digest(1), "dropped", 1000)
+    records = await store.records()
     await store.close()
     with contextlib.closing(sqlite3.connect(db_path)) as connection:
-        connection.executescript("DROP TABLE uploads; PRAGMA user_version = 1;")
+        connection.executescript("".join(f"DROP TABLE {table};" for table in tables_added_since))
+        connection.execute(f"PRAGMA user_version = {version}")
 
     upgraded = SqliteStore(db_path)
+    assert await upgraded.records() == records
     await upgraded.record_upload("team/app", digest(1), ttl_seconds=60)
+    await upgraded.count(digest(9), "dropped", 1000, "team/app")
     assert await upgraded.recent_uploads("team/app", [digest(1)]) == {digest(1)}
-    assert await upgraded.known() == {digest(1): layer(1)}
+    assert await upgraded.repository_stats() == [RepositoryStats("team/app", {"dropped": 1}, 1000)]
     await upgraded.close()
+    with contextlib.closing(sqlite3.connect(db_path)) as connection:
+        assert connection.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
 
 
 READER_PROCESS = """
