@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# Runs a local CNCF distribution registry on 127.0.0.1:${REGISTRY_PORT:-5001} and the gateway in front
-# of it on 127.0.0.1:${GATEWAY_PORT:-5000}, until Ctrl-C. Used by `make run`.
+# Runs a local CNCF distribution registry on 127.0.0.1:${LOCAL_REGISTRY_PORT:-5001} and the gateway in front
+# of it on 127.0.0.1:${LOCAL_GATEWAY_PORT:-5000}, until Ctrl-C. Used by `make run`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-registry_port=${REGISTRY_PORT:-5001}
-gateway_port=${GATEWAY_PORT:-5000}
+registry_port=${LOCAL_REGISTRY_PORT:-5001}
+gateway_port=${LOCAL_GATEWAY_PORT:-5000}
 state=${STATE_DIR:-.local-run}
 mkdir -p "$state/registry"
 
 cat > "$state/registry.yml" <<YAML
 version: 0.1
-log: {level: warn}
+log: {level: warn, accesslog: {disabled: true}}
 storage:
   filesystem: {rootdirectory: $PWD/$state/registry}
   delete: {enabled: true}
