@@ -458,7 +458,8 @@ def check_wire(gateway: GatewayProcess, entry: dict[str, Any]) -> str | None:
         return "the gateway exited:\n" + gateway.process.log_text()[-2000:]
     if AIOHTTP_BARE_500 in answer:
         return f"aiohttp's own 500 (an exception escaped the handler): {answer[:300]!r}"
-    crashes = handler_crashes(gateway.process.log_text()[log_before:].splitlines())
+    written = gateway.process.log_text()[log_before:]
+    crashes = handler_crashes(written[: written.rfind("\n") + 1].splitlines())  # whole lines only
     if crashes:
         return "unhandled exception in a handler: " + crashes[0][:1500]
     health = raw_exchange(gateway.host_port, b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", timeout=10)

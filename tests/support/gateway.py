@@ -76,7 +76,7 @@ class GatewayProcess:
             if (latest := self.process.log_text()) == text:
                 break
             text = latest
-        for line in text.splitlines():
+        for line in text[: text.rfind("\n") + 1].splitlines():
             if line.startswith("{"):
                 yield json.loads(line)
 
