@@ -7,12 +7,10 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 import pytest
 
-from .processes import ManagedProcess, run, run_checked
+from .processes import ManagedProcess, Service, run, run_checked
 
 # skopeo and podman running as root remember in this folder which blobs they have
 # seen in which registry, and later mount those blobs instead of uploading them.
@@ -66,7 +64,7 @@ def skopeo_inspect_raw(reference: str, *, timeout: float = 60.0) -> bytes:
     return result.stdout
 
 
-class Containerd:
+class Containerd(Service):
     """A private containerd daemon; `ctr` talks to it in namespace `namespace`."""
 
     def __init__(self, workdir: Path, namespace: str = "test") -> None:
@@ -132,18 +130,6 @@ class Containerd:
         return self.ctr(
             "images", "push", "--plain-http", *flags, dest, local_ref, timeout=timeout
         )
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _ctr(self, *args: str | Path) -> list[str | Path]:
         return ["ctr", "--address", self.socket, "--namespace", self.namespace, *args]

@@ -77,7 +77,29 @@ def describe(result: subprocess.CompletedProcess[str]) -> str:
     )
 
 
-class ManagedProcess:
+class Service:
+    """Something started and stopped by a test, usable as `with Service(...) as service:`."""
+
+    def start(self) -> object:
+        raise NotImplementedError
+
+    def stop(self) -> object:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class ManagedProcess(Service):
     """A long-running child process whose output goes to `log_path`.
 
     `start()` may be called again after `stop()`; the log is appended to, so a
@@ -171,19 +193,6 @@ class ManagedProcess:
         if not self.log_path.exists():
             return ""
         return self.log_path.read_text(errors="replace")
-
-    def __enter__(self) -> Self:
-        if not self.running:
-            self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _require_popen(self) -> subprocess.Popen[bytes]:
         if self._popen is None:

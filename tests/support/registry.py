@@ -8,12 +8,11 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import yaml
 
-from .processes import ManagedProcess, free_port, run_checked
+from .processes import ManagedProcess, Service, free_port, run_checked
 
 HOST = "127.0.0.1"
 
@@ -32,7 +31,7 @@ def make_htpasswd(path: Path, user: str, password: str) -> Path:
     return path
 
 
-class Registry:
+class Registry(Service):
     """`start()` after `stop()` reuses the same port and storage."""
 
     def __init__(
@@ -79,18 +78,6 @@ class Registry:
 
     def log_text(self) -> str:
         return self.process.log_text()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _answers(self) -> bool:
         # Only liveness is probed here, so the certificate is not checked.
