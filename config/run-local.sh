@@ -6,14 +6,14 @@ cd "$(dirname "$0")/.."
 
 registry_port=${LOCAL_REGISTRY_PORT:-5001}
 gateway_port=${LOCAL_GATEWAY_PORT:-5000}
-state=${STATE_DIR:-.local-run}
+state=$(realpath -m "${STATE_DIR:-.local-run}")
 mkdir -p "$state/registry"
 
 cat > "$state/registry.yml" <<YAML
 version: 0.1
 log: {level: warn, accesslog: {disabled: true}}
 storage:
-  filesystem: {rootdirectory: $PWD/$state/registry}
+  filesystem: {rootdirectory: $state/registry}
   delete: {enabled: true}
 http: {addr: 127.0.0.1:$registry_port}
 # Accept manifests whose foreign layers are fetched from their urls (Windows base layers).
@@ -28,5 +28,5 @@ echo "registry: http://127.0.0.1:$registry_port   gateway: http://127.0.0.1:$gat
 .venv/bin/python -m proxy serve \
     --upstream "http://127.0.0.1:$registry_port" \
     --listen "127.0.0.1:$gateway_port" \
-    --store "sqlite:///$PWD/$state/foreign-layers.db" \
+    --store "sqlite:///$state/foreign-layers.db" \
     --log-format text "$@"
