@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import secrets
 import ssl
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -69,7 +70,20 @@ class InFlight:
             return False
 
 
+class RequestIds:
+    """Request ids unique across replicas and restarts: a random prefix per process, then a counter
+    (cheaper per request than a uuid4, which asks the kernel for randomness every time)."""
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(6)
+        self._counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self._prefix}-{next(self._counter)}"
+
+
 IN_FLIGHT = web.AppKey("in_flight", InFlight)
+REQUEST_IDS = web.AppKey("request_ids", RequestIds)
 METRICS = web.AppKey("metrics", Metrics)
 METRIC_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -94,7 +108,7 @@ async def exchange(
 ) -> web.StreamResponse:
     """Per request: id, route, the forward-proxy guard, OCI error bodies, metrics and the one access log line."""
     started = time.perf_counter()
-    request[REQUEST_ID] = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+    request[REQUEST_ID] = request.headers.get("X-Request-Id") or request.app[REQUEST_IDS].next()
     route = request[ROUTE] = match_route(request.path)
     metrics, in_flight = request.app[METRICS], request.app[IN_FLIGHT]
     route_kind = route_label(request.method, route.kind)
@@ -131,28 +145,26 @@ async def exchange(
         status = response.status if response is not None else status
         bytes_in, bytes_out = request.content.total_bytes, response.body_length if response is not None else 0
         method = request.method if request.method in METRIC_METHODS else "OTHER"
-        metrics.requests.labels(method, route_kind, str(status)).inc()
-        metrics.duration.labels(route_kind).observe(duration)
-        metrics.bytes_streamed.labels("up").inc(bytes_in)
-        metrics.bytes_streamed.labels("down").inc(bytes_out)
-        decision = request.get(DECISION)
-        log_event(
-            logger,
-            logging.INFO,
-            "request",
-            method=request.method,
-            path=request.path,
-            query=redacted_query(request.rel_url.query) or None,
-            status=status,
-            bytes_in=bytes_in,
-            bytes_out=bytes_out,
-            duration_ms=round(duration * 1000, 1),
-            repository=route.repository,
-            decision=decision.action.value if decision else None,
-            client=request.remote,
-            user_agent=request.headers.get("User-Agent"),
-            request_id=request[REQUEST_ID],
-        )
+        metrics.observe_request(method, route_kind, status, duration, bytes_in, bytes_out)
+        if logger.isEnabledFor(logging.INFO):
+            decision = request.get(DECISION)
+            log_event(
+                logger,
+                logging.INFO,
+                "request",
+                method=request.method,
+                path=request.path,
+                query=redacted_query(request.rel_url.query) or None,
+                status=status,
+                bytes_in=bytes_in,
+                bytes_out=bytes_out,
+                duration_ms=round(duration * 1000, 1),
+                repository=route.repository,
+                decision=decision.action.value if decision else None,
+                client=request.remote,
+                user_agent=request.headers.get("User-Agent"),
+                request_id=request[REQUEST_ID],
+            )
     return response
 
 
@@ -213,6 +225,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[exchange])
     app[SETTINGS] = settings
     app[IN_FLIGHT] = InFlight()
+    app[REQUEST_IDS] = RequestIds()
     app[METRICS] = Metrics()
     app.cleanup_ctx.extend([store_context, known_context, upstream_context])
     app.router.add_route("*", "/{tail:.*}", dispatch, expect_handler=no_automatic_continue)

@@ -22,7 +22,9 @@ from proxy.errors import (
     GatewayError,
 )
 
-STREAM_BUFFER_BYTES = 256 * 1024
+# Read size on both sides. Larger reads mean fewer Python iterations per GiB, but every upload in flight
+# may hold about twice this much: 128 KiB keeps 32 concurrent uploads well within 100 MiB.
+STREAM_BUFFER_BYTES = 128 * 1024
 # Headers aiohttp would otherwise add on its own; the upstream sees only what the client sent.
 SKIPPED_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
@@ -103,6 +105,14 @@ class Upstream:
             raise translate(error) from error
 
 
+async def next_chunk(content: aiohttp.StreamReader) -> bytes:
+    """The next piece of a body as it arrived, b"" at its end; unlike readany(), never joins buffered pieces."""
+    while True:
+        chunk, end_of_http_chunk = await content.readchunk()
+        if chunk or not end_of_http_chunk:
+            return chunk
+
+
 async def client_body(content: aiohttp.StreamReader, idle_timeout: float) -> AsyncIterator[bytes]:
     """A request body as it arrives; a client that stops sending it for `idle_timeout` seconds is cut off.
 
@@ -110,7 +120,7 @@ async def client_body(content: aiohttp.StreamReader, idle_timeout: float) -> Asy
     while True:
         try:
             async with asyncio.timeout(idle_timeout):
-                chunk = await content.readany()
+                chunk = await next_chunk(content)
         except TimeoutError:
             raise StreamAborted(f"client sent no body bytes for {idle_timeout:g} s") from None
         except ConnectionError:
@@ -132,19 +142,17 @@ async def read_capped(content: aiohttp.StreamReader, cap: int) -> bytes | None:
     return b"".join(parts)
 
 
-async def relay_body(source: aiohttp.ClientResponse, sink: web.StreamResponse) -> int:
-    """Copy an upstream body to the client; returns the bytes copied."""
-    copied = 0
+async def relay_body(source: aiohttp.ClientResponse, sink: web.StreamResponse) -> None:
+    """Copy an upstream body to the client."""
     content = source.content
     while True:
         try:
-            chunk = await content.readany()
+            chunk = await next_chunk(content)
         except (TimeoutError, aiohttp.ClientError) as error:
             raise StreamAborted(f"upstream failed mid-body: {translate(error)}") from error
         if not chunk:
-            return copied
+            return
         try:
             await sink.write(chunk)
         except ConnectionError as error:
             raise StreamAborted("client closed the connection") from error
-        copied += len(chunk)

@@ -341,7 +341,9 @@ class Gateway:
             raise GatewayError(MANIFEST_TOO_LARGE, f"manifest larger than {MAX_MANIFEST_BYTES} bytes")
         repository = route.repository or ""
         manifest_digest = sha256_digest(body)
-        review = await self.review(request, repository, body, request.content_type, self.settings.policy.manifest_check)
+        review = await self.review(
+            request, repository, body, request.content_type, check=self.settings.policy.manifest_check, pushed=True
+        )
         if review is not None and review.misuses:
             # Anyone may send a manifest: of one the registry never saw, only layers whose blobs this
             # repository just received (an uploader the registry let in) are learned.
@@ -368,7 +370,9 @@ class Gateway:
                 raise GatewayError(MANIFEST_TOO_LARGE, "upstream manifest larger than 4 MiB")
             manifest_digest = sha256_digest(body)
             self.seen_manifests.add(manifest_digest)
-            review = await self.review(request, route.repository, body, upstream.content_type, check=False)
+            review = await self.review(
+                request, route.repository, body, upstream.content_type, check=False, pushed=False
+            )
             if review is not None:
                 self.learn(review, "manifest-get", manifest_digest)
             return await self.respond(request, upstream, body)
@@ -376,7 +380,7 @@ class Gateway:
     # Manifests
 
     async def review(
-        self, request: web.Request, repository: str, body: bytes, content_type: str | None, check: bool
+        self, request: web.Request, repository: str, body: bytes, content_type: str | None, *, check: bool, pushed: bool
     ) -> ManifestReview | None:
         """The policy's view of an image manifest; None for lists, indexes and anything unparsable."""
         try:
@@ -386,8 +390,10 @@ class Gateway:
         if manifest.is_index or manifest.config is None:
             return None
         known = self.known
+        # A pushed manifest may list a recompressed foreign layer as an ordinary one: only its config's
+        # diff_ids tell. Pulls are not checked for that, so that they cost no extra upstream request.
         wants_diff_ids = any(self.classifier.is_foreign(layer) for layer in manifest.layers) or (
-            known.diff_ids and any(layer.digest not in known.layers for layer in manifest.layers)
+            pushed and known.diff_ids and any(layer.digest not in known.layers for layer in manifest.layers)
         )
         diff_ids = await self.diff_ids(request, repository, manifest.config) if wants_diff_ids else ()
         return review_manifest(

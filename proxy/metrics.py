@@ -76,6 +76,26 @@ class Metrics:
         self.known_foreign = Gauge(
             f"{PREFIX}_known_foreign_digests", "Foreign digests this process enforces.", registry=self.registry
         )
+        self._bytes_up = self.bytes_streamed.labels("up")
+        self._bytes_down = self.bytes_streamed.labels("down")
+        self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+
+    def observe_request(
+        self, method: str, route: str, status: int, duration: float, bytes_in: int, bytes_out: int
+    ) -> None:
+        """One finished request; label children are looked up once per combination, not per request."""
+        key = (method, route, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._request_children[key] = (
+                self.requests.labels(method, route, str(status)),
+                self.duration.labels(route),
+            )
+        requests, duration_histogram = children
+        requests.inc()
+        duration_histogram.observe(duration)
+        self._bytes_up.inc(bytes_in)
+        self._bytes_down.inc(bytes_out)
 
     def track_known(self, count: Callable[[], int]) -> None:
         self.known_foreign.set_function(lambda: float(count()))

@@ -52,7 +52,7 @@ class RouteMatch:
 
 def clean_path(path: str) -> str:
     """The path as the upstream's router sees it: dot segments resolved, repeated slashes folded."""
-    if not path.startswith("/"):
+    if not path.startswith("/") or ("//" not in path and "/." not in path):
         return path
     cleaned = posixpath.normpath(path)
     if cleaned.startswith("//"):
