@@ -20,7 +20,6 @@ from proxy.errors import (
     FORM_ENCODED_PUSH,
     MANIFEST_TOO_LARGE,
     UNVERIFIABLE_DIGEST,
-    UPSTREAM_BROKEN,
     GatewayError,
     add_foreign_layer_hint,
 )
@@ -54,7 +53,7 @@ from proxy.manifests import (
     sha256_digest,
 )
 from proxy.metrics import Metrics
-from proxy.policy import Action, Decision, ManifestReview, Policy, review_manifest
+from proxy.policy import Action, Decision, ManifestReview, review_manifest
 from proxy.routes import RouteKind, RouteMatch, split_query_parameter, with_query_items
 from proxy.store import Sighting
 
@@ -137,7 +136,7 @@ class Gateway:
         route = request[ROUTE]
         if route.kind in PUSH_DIGEST_PARAMETERS and request.method in {"POST", "PUT"}:
             self.refuse_unverifiable_push(request, route)
-        decision = self.decide(request, route, self.policy)
+        decision = self.decide(request, route)
         if decision is None and self.settings.policy.inspect_content and route.kind is RouteKind.UPLOAD_SESSION:
             return await self.forward_inspected(request, route)
         if decision is not None:
@@ -188,7 +187,19 @@ class Gateway:
         if not digests or route.repository is None:
             return await self.forward(request)
         inspector = self.inspections.finish(session) or LayerInspector()
-        target = await self.append_body(request, inspector) if request.body_exists else request.raw_path
+        target = request.raw_path
+        if request.body_exists:
+            # The closing PUT's body goes up as a PATCH of the session, so that the decision comes before
+            # the commit; the session is then closed (or cancelled) by a bodiless PUT.
+            await send_continue(request)
+            session_target, digest_items = split_query_parameter(request.raw_path, "digest")
+            body = inspected(self.client_body(request), inspector)
+            async with self.upstream.open("PATCH", session_target, self.upstream_headers(request), body) as patched:
+                location = patched.headers.get("Location")
+                if patched.status != 202 or location is None:
+                    return await self.respond(request, patched, None)
+                await patched.read()
+            target = with_query_items(URL(location, encoded=True).raw_path_qs, digest_items)
         decision = self.policy.decide(route.repository, [inspector.digest()], self.known.layers) or self.policy.decide(
             route.repository, [inspector.diff_id() or ""], {}, self.known.diff_ids
         )
@@ -203,22 +214,9 @@ class Gateway:
         async with self.upstream.open("PUT", target, headers) as upstream:
             return self.remember_upload(request, route, await self.respond(request, upstream, None))
 
-    async def append_body(self, request: web.Request, inspector: LayerInspector) -> str:
-        """Send a closing PUT's body as a PATCH of the session, so that the decision comes before the commit;
-        returns the target of the PUT that closes the session."""
-        await send_continue(request)
-        session_target, digest_items = split_query_parameter(request.raw_path, "digest")
-        body = inspected(self.client_body(request), inspector)
-        async with self.upstream.open("PATCH", session_target, self.upstream_headers(request), body) as upstream:
-            await upstream.read()
-            location = upstream.headers.get("Location")
-        if upstream.status != 202 or location is None:
-            raise GatewayError(UPSTREAM_BROKEN, f"upstream answered the upload's body with {upstream.status}")
-        return with_query_items(URL(location, encoded=True).raw_path_qs, digest_items)
-
     # Decisions
 
-    def decide(self, request: web.Request, route: RouteMatch, policy: Policy) -> Decision | None:
+    def decide(self, request: web.Request, route: RouteMatch) -> Decision | None:
         if route.repository is None:
             return None
         if request.method == "HEAD" and route.kind is RouteKind.BLOB and self.settings.policy.pretend_present:
@@ -227,7 +225,7 @@ class Gateway:
             digests = self.pushed_digests(request, route.kind)
         else:
             return None
-        return policy.decide(route.repository, digests, self.known.layers, self.known.diff_ids)
+        return self.policy.decide(route.repository, digests, self.known.layers, self.known.diff_ids)
 
     @staticmethod
     def pushed_digests(request: web.Request, kind: RouteKind) -> list[str]:

@@ -346,3 +346,24 @@ async def test_python_dxf_push_of_a_known_foreign_blob(
     assert blob_status(registry.url, "win/app", foreign.digest) == 404
     if way != "mount":
         assert not registry.blob_data_path(foreign.digest).exists()
+
+
+def test_skopeo_stops_at_once_on_a_reject_and_prints_why(
+    gateway_factory: GatewayFactory, registry: Registry, skopeo_cache: Path, tmp_path: Path
+) -> None:
+    """skopeo uploads an OCI foreign layer that has no urls; a known one in a reject repository stops it."""
+    image = build_image(41, flavour="oci", foreign=1, foreign_urls=False, os="windows")
+    foreign = image.foreign_layers[0]
+    digest_file = tmp_path / "foreign.txt"
+    digest_file.write_text(f"# Windows base layer\n{foreign.digest}\n")
+    gateway = gateway_factory(registry, args=["--action", "reject"], config={"foreign": {"digest_files": [str(digest_file)]}})
+    layout = write_oci_layout(image, tmp_path / "layout")
+
+    started = time.monotonic()
+    pushed = skopeo_copy(f"oci:{layout}:latest", f"docker://{gateway.host_port}/win/app:1", cache_dir=skopeo_cache)
+    elapsed = time.monotonic() - started
+
+    assert pushed.returncode != 0, describe(pushed)
+    assert elapsed < PROMPT_FAILURE_SECONDS, f"skopeo took {elapsed:.1f} s to give up"
+    assert f"foreign layer {foreign.digest} may not be pushed to win/app" in pushed.stderr, describe(pushed)
+    assert blob_status(registry.url, "win/app", foreign.digest) == 404

@@ -236,3 +236,24 @@ async def test_sigterm_lets_an_upload_in_flight_finish(
     assert answer.status == 201, answer
     assert await asyncio.to_thread(gateway.process.wait, 10) == 0
     assert registry.blob_data_path(digest_of(b"".join(parts))).exists()
+
+
+async def test_a_client_leaving_mid_upload_aborts_the_upstream_request(
+    gateway: GatewayProcess, registry: Registry, http: aiohttp.ClientSession
+) -> None:
+    location = await start_upload(http, gateway.url, "gone/repo")
+    host, port = gateway.host_port.split(":")
+    _, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        f"PATCH {location.raw_path_qs} HTTP/1.1\r\nHost: {gateway.host_port}\r\nContent-Length: 10000000\r\n"
+        "Content-Type: application/octet-stream\r\n\r\n".encode() + os.urandom(100_000)
+    )
+    await writer.drain()
+    writer.close()
+    for _ in range(200):
+        if "client disconnected during blob PATCH" in registry.log_text():
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError(f"the registry never saw the upload end:\n{registry.log_text()[-2000:]}")
+    assert (await call(http, "GET", f"{gateway.url}/v2/")).status == 200
