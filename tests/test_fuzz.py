@@ -132,7 +132,7 @@ def decision_gateway() -> Gateway:
 def gateway_decides(gateway: Gateway, method: str, target: str) -> bool:
     request = make_mocked_request(method, target)
     route = match_route(request.path)
-    return gateway.decide(request, route, gateway.policy) is not None
+    return gateway.decide(request, route) is not None
 
 
 def registry_commits_foreign(method: str, target: str) -> bool:
