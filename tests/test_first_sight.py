@@ -26,7 +26,14 @@ from support.protocol import (
     put_manifest,
     start_upload,
 )
-from support.registry import Registry, RegistryConfig, RegistryFactory, make_htpasswd
+from support.registry import (
+    Registry,
+    RegistryConfig,
+    RegistryFactory,
+    TokenAuth,
+    make_htpasswd,
+)
+from support.token_server import TokenServer, challenged_token
 from test_enforcement import teach, upstream_has
 
 ORDINARY_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
@@ -112,6 +119,45 @@ async def test_cleanup_uses_its_own_credentials_on_a_protected_registry(
             await asyncio.sleep(0.05)
         else:
             raise AssertionError(f"leaked blob still there:\n{gateway.process.log_text()}")
+    assert "clean-secret" not in gateway.process.log_text()
+
+
+async def test_cleanup_gets_its_own_delete_token_from_the_registrys_token_server(
+    registry_factory: RegistryFactory, gateway_factory: GatewayFactory, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    users = {"pusher": "push-secret", "cleaner": "clean-secret"}
+    with TokenServer(tmp_path_factory.mktemp("token-server"), users) as tokens:
+        registry = registry_factory(RegistryConfig(token_auth=TokenAuth(tokens.realm, tokens.cert_path)))
+        gateway = gateway_factory(
+            registry, config={"cleanup": {"delete_leaked": True, "username": "cleaner", "password": "clean-secret"}}
+        )
+        image = build_image(53, foreign=1, os="windows")
+        digest = image.foreign_layers[0].digest
+        async with aiohttp.ClientSession() as anonymous:
+            push_token = await challenged_token(
+                anonymous, "POST", f"{gateway.url}/v2/win/token/blobs/uploads/", "pusher", "push-secret"
+            )
+            pull_token = await challenged_token(
+                anonymous, "HEAD", f"{registry.url}/v2/win/token/blobs/{digest}", "pusher", "push-secret"
+            )
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {push_token}"}) as pusher:
+            assert await push_everything(pusher, gateway.url, "win/token", image) == 201
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {pull_token}"}) as puller:
+            for _ in range(100):
+                if (await call(puller, "HEAD", f"{registry.url}/v2/win/token/blobs/{digest}")).status == 404:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError(
+                    f"leaked blob still there:\n{gateway.process.log_text()}\n{registry.log_text()}\n{tokens.requests()}"
+                )
+            manifest = await call(
+                puller, "GET", f"{registry.url}/v2/win/token/manifests/1", headers={"Accept": image.media_type}
+            )
+            assert manifest.status == 200 and manifest.body == image.manifest
+        assert {"user": "cleaner", "authenticated": True, "service": "test-registry",
+                "scopes": ["repository:win/token:delete"]} in tokens.requests()  # fmt: skip
+        assert [entry["action"] for entry in gateway.events("decision")] == ["leaked", "cleaned"]
     assert "clean-secret" not in gateway.process.log_text()
 
 

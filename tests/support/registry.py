@@ -18,9 +18,24 @@ HOST = "127.0.0.1"
 
 
 @dataclass(frozen=True)
+class TokenAuth:
+    """`auth: token`: clients get bearer tokens from `realm`, signed by a key whose certificate is `rootcertbundle`."""
+
+    realm: str
+    rootcertbundle: Path
+    service: str = "test-registry"
+    issuer: str = "test-issuer"
+
+
+@dataclass(frozen=True)
 class RegistryConfig:
     allow_foreign_urls: bool = True
     htpasswd: Path | None = None
+    token_auth: TokenAuth | None = None
+
+    def __post_init__(self) -> None:
+        if self.htpasswd and self.token_auth:
+            raise ValueError("a registry has one `auth`: htpasswd or token, not both")
     tls_cert: Path | None = None
     tls_key: Path | None = None
 
@@ -113,6 +128,16 @@ class Registry(Service):
         if self.config.htpasswd:
             document["auth"] = {
                 "htpasswd": {"realm": "registry", "path": str(self.config.htpasswd)}
+            }
+        if self.config.token_auth:
+            token = self.config.token_auth
+            document["auth"] = {
+                "token": {
+                    "realm": token.realm,
+                    "service": token.service,
+                    "issuer": token.issuer,
+                    "rootcertbundle": str(token.rootcertbundle),
+                }
             }
         return document
 
