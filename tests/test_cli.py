@@ -28,9 +28,9 @@ from support.protocol import (
     push_image_blobs,
     push_single_put,
     put_manifest,
+    teach,
 )
 from support.registry import Registry
-from test_enforcement import teach
 
 SUBCOMMANDS = ("serve", "learn", "digests", "forget")
 CONSOLE_SCRIPT = Path(sys.executable).with_name("foreign-layer-proxy")

@@ -35,9 +35,8 @@ from support.images import (
     write_oci_layout,
 )
 from support.processes import describe
-from support.protocol import push_single_put
+from support.protocol import push_single_put, teach
 from support.registry import Registry
-from test_enforcement import teach
 
 # A 4xx stops these clients at once, a 5xx makes them retry for a minute or more: a refused push that takes
 # longer than this was retried or hung. The bound is generous so that a loaded machine does not fail it.

@@ -18,35 +18,21 @@ from support.protocol import (
     call,
     digest_of,
     mount,
+    ordinary_blobs,
     push_chunked,
     push_image_blobs,
     push_monolithic_post,
     push_single_put,
     put_manifest,
     start_upload,
+    teach,
+    upstream_has,
     with_digest,
 )
 from support.registry import Registry
 from yarl import URL
 
 BlobPush = Callable[[aiohttp.ClientSession, str, str, bytes], Awaitable[Answer]]
-
-
-async def teach(http: aiohttp.ClientSession, base: str, repository: str, image: Image) -> None:
-    """Push an image the way skopeo does when foreign layers carry urls: every blob but those, then the manifest."""
-    await push_image_blobs(http, base, repository, _ordinary_blobs(image))
-    answer = await put_manifest(http, base, repository, "taught", image.manifest, image.media_type)
-    assert answer.status == 201, answer
-
-
-def _ordinary_blobs(image: Image) -> list[bytes]:
-    foreign = {layer.digest for layer in image.foreign_layers}
-    return [data for digest, data in image.blobs.items() if digest not in foreign]
-
-
-async def upstream_has(http: aiohttp.ClientSession, registry: Registry, repository: str, digest: str) -> bool:
-    answer = await call(http, "HEAD", f"{registry.url}/v2/{repository}/blobs/{digest}")
-    return answer.status == 200
 
 
 async def _mount_from_seeded(http: aiohttp.ClientSession, base: str, repository: str, data: bytes) -> Answer:
@@ -89,7 +75,7 @@ async def test_every_way_of_pushing_a_known_foreign_blob(
         assert (answer.status, answer.headers["Docker-Content-Digest"]) == (201, foreign.digest), answer
         assert answer.headers["Location"] == f"/v2/win/app/blobs/{foreign.digest}"
         assert not stored
-        await push_image_blobs(http, gateway.url, "win/app", _ordinary_blobs(windows_image))
+        await push_image_blobs(http, gateway.url, "win/app", ordinary_blobs(windows_image))
         manifest = await put_manifest(http, gateway.url, "win/app", "1", windows_image.manifest, windows_image.media_type)
         assert manifest.status == 201, manifest
     elif action == "reject":

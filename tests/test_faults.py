@@ -38,11 +38,12 @@ from support.protocol import (
     push_single_put,
     put_manifest,
     start_upload,
+    teach,
+    upstream_has,
     with_digest,
 )
 from support.registry import Registry
 from support.services import RedisFactory
-from test_enforcement import teach, upstream_has
 
 SHORT_READ_TIMEOUT = {"upstream": {"read_timeout": 2, "connect_timeout": 2}}
 # Sockets that may legitimately come and go between two counts: pooled keep-alive connections.

@@ -25,6 +25,8 @@ from support.protocol import (
     push_streamed,
     put_manifest,
     start_upload,
+    teach,
+    upstream_has,
 )
 from support.registry import (
     Registry,
@@ -34,7 +36,6 @@ from support.registry import (
     make_htpasswd,
 )
 from support.token_server import TokenServer, challenged_token
-from test_enforcement import teach, upstream_has
 
 ORDINARY_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 

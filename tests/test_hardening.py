@@ -50,9 +50,10 @@ from support.protocol import (
     push_single_put,
     put_manifest,
     start_upload,
+    teach,
+    upstream_has,
 )
 from support.registry import Registry, RegistryConfig, RegistryFactory, make_htpasswd
-from test_enforcement import teach, upstream_has
 from yarl import URL
 
 from proxy.config import Address, Settings

@@ -13,9 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from support.fixtures import GatewayFactory
 from support.gateway import GatewayProcess
 from support.images import Image, build_image
-from support.protocol import call, push_single_put
+from support.protocol import call, push_single_put, teach
 from support.registry import Registry, RegistryConfig, RegistryFactory, make_htpasswd
-from test_enforcement import teach
 
 
 async def scrape(http: aiohttp.ClientSession, gateway: GatewayProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -28,10 +28,10 @@ from support.protocol import (
     push_monolithic_post,
     push_single_put,
     put_manifest,
+    teach,
 )
 from support.registry import Registry
 from support.services import Haproxy, HaproxyFactory, RedisFactory, RedisServer
-from test_enforcement import teach
 
 from proxy.store import ForeignStore, open_store
 from proxy.store_redis import parse_redis_url

@@ -12,6 +12,9 @@ import aiohttp
 from multidict import CIMultiDictProxy
 from yarl import URL
 
+from .images import Image
+from .registry import Registry
+
 
 @dataclass(frozen=True)
 class Answer:
@@ -129,3 +132,20 @@ async def push_image_blobs(session: aiohttp.ClientSession, base: str, repository
     for blob in blobs:
         answer = await push_single_put(session, base, repository, blob)
         assert answer.status == 201, answer
+
+
+async def teach(http: aiohttp.ClientSession, base: str, repository: str, image: Image) -> None:
+    """Push an image the way skopeo does when foreign layers carry urls: every blob but those, then the manifest."""
+    await push_image_blobs(http, base, repository, ordinary_blobs(image))
+    answer = await put_manifest(http, base, repository, "taught", image.manifest, image.media_type)
+    assert answer.status == 201, answer
+
+
+def ordinary_blobs(image: Image) -> list[bytes]:
+    foreign = {layer.digest for layer in image.foreign_layers}
+    return [data for digest, data in image.blobs.items() if digest not in foreign]
+
+
+async def upstream_has(http: aiohttp.ClientSession, registry: Registry, repository: str, digest: str) -> bool:
+    answer = await call(http, "HEAD", f"{registry.url}/v2/{repository}/blobs/{digest}")
+    return answer.status == 200
