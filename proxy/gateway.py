@@ -118,6 +118,7 @@ class Gateway:
         self, settings: Settings, upstream: Upstream, known: KnownForeign, metrics: Metrics, cleaner: Cleaner
     ):
         self.upstream = upstream
+        self.upstream_origin = origin(upstream.origin.scheme, upstream.authority)
         self.known = known
         self.metrics = metrics
         self.cleaner = cleaner
@@ -306,7 +307,7 @@ class Gateway:
     def origins(self, request: web.Request) -> Origins:
         own_scheme = "https" if request.secure else "http"
         scheme, host = client_scheme_and_host(request.headers, own_scheme, self.upstream.authority)
-        return Origins(upstream=origin(self.upstream.origin.scheme, self.upstream.authority), client=origin(scheme, host))
+        return Origins(upstream=self.upstream_origin, client=origin(scheme, host))
 
     def client_body(self, request: web.Request) -> AsyncIterator[bytes]:
         return client_body(request.content, self.settings.server.idle_timeout)

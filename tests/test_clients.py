@@ -24,7 +24,7 @@ from support.clients import (
     skopeo_copy,
     skopeo_inspect_raw,
 )
-from support.fixtures import GatewayFactory
+from support.fixtures import GatewayFactory, gateway_knowing
 from support.gateway import GatewayProcess
 from support.images import (
     Image,
@@ -35,7 +35,7 @@ from support.images import (
     write_oci_layout,
 )
 from support.processes import describe
-from support.protocol import push_single_put, teach
+from support.protocol import teach
 from support.registry import Registry
 
 # A 4xx stops these clients at once, a 5xx makes them retry for a minute or more: a refused push that takes
@@ -320,12 +320,8 @@ async def test_python_dxf_push_of_a_known_foreign_blob(
     action: str,
     way: str,
 ) -> None:
-    gateway = gateway_factory(registry, args=["--action", action])
-    await teach(http, gateway.url, "win/base", windows_image)
+    gateway = await gateway_knowing(gateway_factory, registry, http, windows_image, action, seed_for_mount=way == "mount")
     foreign = windows_image.foreign_layers[0]
-    if way == "mount":
-        seeded = await push_single_put(http, registry.url, "seed/repo", foreign.data)  # straight to the registry
-        assert seeded.status == 201, seeded
     client = dxf.DXF(gateway.host_port, "win/app", insecure=True)
 
     def push() -> str:

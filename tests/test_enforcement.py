@@ -10,7 +10,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from support.fixtures import GatewayFactory
+from support.fixtures import GatewayFactory, gateway_knowing
 from support.gateway import GatewayProcess
 from support.images import Image, build_image, write_dir
 from support.protocol import (
@@ -62,11 +62,10 @@ async def test_every_way_of_pushing_a_known_foreign_blob(
     action: str,
     way: str,
 ) -> None:
-    gateway = gateway_factory(registry, args=["--action", action])
-    await teach(http, gateway.url, "win/base", windows_image)
+    gateway = await gateway_knowing(
+        gateway_factory, registry, http, windows_image, action, seed_for_mount=way == "cross-repository-mount"
+    )
     foreign = windows_image.foreign_layers[0]
-    if way == "cross-repository-mount":
-        await push_single_put(http, registry.url, "seed/repo", foreign.data)  # straight to the registry
 
     answer = await PUSHES[way](http, gateway.url, "win/app", foreign.data)
 

@@ -249,6 +249,7 @@ async def test_a_client_leaving_mid_upload_aborts_the_upstream_request(
         "Content-Type: application/octet-stream\r\n\r\n".encode() + os.urandom(100_000)
     )
     await writer.drain()
+    await asyncio.sleep(0.5)  # let the gateway open the upstream PATCH before the client goes
     writer.close()
     for _ in range(200):
         if "client disconnected during blob PATCH" in registry.log_text():

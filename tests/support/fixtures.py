@@ -9,6 +9,8 @@ import aiohttp
 import pytest
 
 from .gateway import GatewayProcess
+from .images import Image
+from .protocol import push_single_put, teach
 from .registry import Registry
 
 
@@ -60,3 +62,17 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
     """A plain client that, like registry clients, shows every answer as it is: no redirects, no decompression."""
     async with aiohttp.ClientSession(auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()) as session:
         yield session
+
+
+async def gateway_knowing(
+    gateway_factory: GatewayFactory, registry: Registry, http: aiohttp.ClientSession, image: Image, action: str,
+    *, seed_for_mount: bool = False,
+) -> GatewayProcess:
+    """A gateway with `action` as its default rule that learned `image`'s foreign layers from a push; with
+    `seed_for_mount`, the first foreign blob also sits (straight in the registry) in `seed/repo` to mount from."""
+    gateway = gateway_factory(registry, args=["--action", action])
+    await teach(http, gateway.url, "win/base", image)
+    if seed_for_mount:
+        seeded = await push_single_put(http, registry.url, "seed/repo", image.foreign_layers[0].data)
+        assert seeded.status == 201, seeded
+    return gateway
