@@ -31,7 +31,7 @@ CARELESS_REPOSITORY = "team/app"
 SHOWN_METRICS = (
     "foreign_layer_proxy_learned_digests_total",
     "foreign_layer_proxy_decisions_total",
-    "foreign_layer_proxy_bytes_kept_out_total",
+    "foreign_layer_proxy_kept_out_bytes_total",
     "foreign_layer_proxy_known_foreign_digests",
 )
 Samples = dict[str, float]
@@ -133,7 +133,7 @@ def show_metrics(before: Samples, after: Samples, gateway: GatewayProcess, image
         if after[name] != before.get(name, 0.0):
             print(f"   {name:<75} {before.get(name, 0.0):g} -> {after[name]:g}")
     kept_out = sum(layer.size for layer in image.foreign_layers)
-    moved = after["foreign_layer_proxy_bytes_kept_out_total"] - before["foreign_layer_proxy_bytes_kept_out_total"]
+    moved = after["foreign_layer_proxy_kept_out_bytes_total"] - before["foreign_layer_proxy_kept_out_bytes_total"]
     expect(moved == kept_out, f"{kept_out} bytes were kept out of the registry, not {moved}")
 
 

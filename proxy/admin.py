@@ -8,7 +8,7 @@ import json
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from proxy.app import GATEWAY, METRICS, SETTINGS, STORE
+from proxy.app import GATEWAY, IN_FLIGHT, METRICS, SETTINGS, STORE
 from proxy.errors import GatewayError
 from proxy.store import StoreError
 
@@ -49,11 +49,19 @@ async def store_problem(app: web.Application) -> str | None:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """503 while the upstream is unreachable, or the store unusable and `store.required` is set."""
+    """503 while draining (a shutdown began), and while a required part is unusable: the upstream with
+    `admin.ready_requires_upstream`, the store with `store.required`. Every check is reported either way:
+    while the registry is down, a gateway that stays ready answers clients with a clear 502, where one
+    taken out of its Service would leave them with refused connections."""
     gateway_app = request.app[GATEWAY_APP]
+    settings = gateway_app[SETTINGS]
     upstream, store = await asyncio.gather(upstream_problem(gateway_app), store_problem(gateway_app))
-    ready = upstream is None and (store is None or not gateway_app[SETTINGS].store.required)
-    checks = {"upstream": upstream or "ok", "store": store or "ok"}
+    draining = gateway_app[IN_FLIGHT].draining
+    ready = not draining and not (
+        (upstream is not None and settings.admin.ready_requires_upstream)
+        or (store is not None and settings.store.required)
+    )
+    checks = {"upstream": upstream or "ok", "store": store or "ok", "shutdown": "draining" if draining else "no"}
     return web.Response(
         status=200 if ready else 503,
         text=json.dumps({"status": "ready" if ready else "not ready", "checks": checks}),

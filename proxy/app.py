@@ -13,6 +13,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger, AbstractStreamWriter
+from aiohttp.http import SERVER_SOFTWARE, RawRequestMessage, StreamWriter
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestHandler
+from multidict import CIMultiDict
 
 from proxy.cleanup import Cleaner
 from proxy.config import ConfigError, Settings, require_upstream
@@ -23,15 +28,23 @@ from proxy.forwarding import (
     Upstream,
     create_session,
 )
-from proxy.gateway import DECISION, REQUEST_ID, ROUTE, Gateway, no_automatic_continue
+from proxy.gateway import (
+    BODY_BYTES_OUT,
+    DECISION,
+    REQUEST_ID,
+    ROUTE,
+    Gateway,
+    no_automatic_continue,
+)
 from proxy.known import KnownForeign
-from proxy.logs import log_event, redacted_query
+from proxy.logs import ACCESS_LOGGER, log_event, redacted_query
 from proxy.manifests import ForeignLayer, digest_lines, is_digest
 from proxy.metrics import Metrics, route_label
 from proxy.routes import match_route
 from proxy.store import ForeignStore, StoreError, open_store
 
-logger = logging.getLogger("foreign_layer_proxy.access")
+logger = logging.getLogger("foreign_layer_proxy.app")
+access_logger = logging.getLogger(ACCESS_LOGGER)
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", ForeignStore)
@@ -128,7 +141,7 @@ async def exchange(
         if error.kind.upstream:
             metrics.upstream_errors.labels(error.kind.name).inc()
         log_event(logger, logging.WARNING, "gateway_error", code=error.kind.code, message=str(error),
-                  request_id=request[REQUEST_ID])
+                  cause=error.cause, request_id=request[REQUEST_ID])  # fmt: skip
         response = error_response(error)
     except StreamAborted as aborted:
         status = 499
@@ -143,13 +156,13 @@ async def exchange(
             uploads.dec()
         duration = time.perf_counter() - started
         status = response.status if response is not None else status
-        bytes_in, bytes_out = request.content.total_bytes, response.body_length if response is not None else 0
+        bytes_in, bytes_out = request.content.total_bytes, body_bytes_out(request, response)
         method = request.method if request.method in METRIC_METHODS else "OTHER"
         metrics.observe_request(method, route_kind, status, duration, bytes_in, bytes_out)
-        if logger.isEnabledFor(logging.INFO):
+        if access_logger.isEnabledFor(logging.INFO):
             decision = request.get(DECISION)
             log_event(
-                logger,
+                access_logger,
                 logging.INFO,
                 "request",
                 method=request.method,
@@ -168,9 +181,60 @@ async def exchange(
     return response
 
 
+def body_bytes_out(request: web.Request, response: web.StreamResponse | None) -> int:
+    """Body bytes sent, without headers or chunk framing: counted by the relay, or the gateway's own body."""
+    if response is None or request.method == "HEAD":
+        return 0
+    counted: int | None = request.get(BODY_BYTES_OUT)
+    return response.content_length or 0 if counted is None else counted
+
+
+def unparsed_requests_logger(metrics: Metrics) -> type[AbstractAccessLogger]:
+    """aiohttp's access-log hook, for the one kind of request the middleware never sees: one aiohttp could
+    not parse (it answers 400 itself). Those get a request line and a count like any other."""
+
+    class UnparsedRequests(AbstractAccessLogger):
+        def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+            if REQUEST_ID in request:
+                return
+            metrics.observe_request("OTHER", "other", response.status, time, 0, 0)
+            log_event(access_logger, logging.INFO, "request", method=None, status=response.status, bytes_in=0,
+                      bytes_out=0, duration_ms=round(time * 1000, 1), client=request.remote,
+                      error="unparsable request")  # fmt: skip
+
+        @property
+        def enabled(self) -> bool:
+            return True
+
+    return UnparsedRequests
+
+
+async def _without_own_server_header(headers: CIMultiDict[str]) -> None:
+    if headers.get("Server") == SERVER_SOFTWARE:
+        del headers["Server"]
+
+
+def without_own_server_header(runner: web.BaseRunner) -> None:
+    """aiohttp adds `Server: Python/3.x aiohttp/x` to every answer, its own 400s included, and has no switch
+    for it. The registry sends none: every answer (after setup()) is written by a writer that removes it,
+    leaving an upstream's own Server header as it was."""
+    server = runner.server
+    assert server is not None, "runner.setup() first"
+    make_request = server.request_factory
+
+    def request_factory(
+        message: RawRequestMessage, payload: StreamReader, protocol: RequestHandler, writer: AbstractStreamWriter,
+        task: asyncio.Task[None],
+    ) -> web.BaseRequest:  # fmt: skip
+        quiet = StreamWriter(protocol, asyncio.get_running_loop(), on_headers_sent=_without_own_server_header)
+        return make_request(message, payload, protocol, quiet, task)
+
+    server.request_factory = request_factory
+
+
 async def store_context(app: web.Application) -> AsyncIterator[None]:
     try:
-        store = open_store(app[SETTINGS].store.url)
+        store = open_store(app[SETTINGS].store.url, app[SETTINGS].store.tls)
     except ValueError as error:
         raise ConfigError(f"store.url: {error}") from None
     app[STORE] = store
@@ -237,15 +301,39 @@ def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(settings.server.tls_cert, settings.server.tls_key)
+    load_certificate(context, settings.server.tls_cert, settings.server.tls_key, "server.tls_cert", "server.tls_key")
     return context
+
+
+def load_certificate(context: ssl.SSLContext, cert: Path, key: Path, cert_setting: str, key_setting: str) -> None:
+    """Load a certificate and its key (for connections made from now on), or a one-line ConfigError naming
+    which of the two is wrong."""
+    try:
+        context.load_cert_chain(cert, key)
+    except OSError as error:
+        if not isinstance(error, ssl.SSLError):
+            raise ConfigError(f"{cert_setting}: cannot read {error.filename or cert}: {error.strerror}") from None
+        if b"-----BEGIN CERTIFICATE-----" not in _read_bytes(cert):
+            raise ConfigError(f"{cert_setting}: {cert} is not a PEM certificate") from None
+        if b"PRIVATE KEY-----" not in _read_bytes(key):
+            raise ConfigError(f"{key_setting}: {key} is not a PEM private key") from None
+        reason = (error.reason or str(error)).lower().replace("_", " ")
+        raise ConfigError(f"{key_setting}: {key} is not a usable key for {cert} ({reason})") from None
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
 
 
 def runner_for(app: web.Application, settings: Settings) -> web.AppRunner:
     return web.AppRunner(
         app,
         handle_signals=False,
-        access_log=None,
+        access_log=access_logger,
+        access_log_class=unparsed_requests_logger(app[METRICS]),
         handler_cancellation=True,
         auto_decompress=False,
         read_bufsize=STREAM_BUFFER_BYTES,

@@ -1,4 +1,4 @@
-"""Command line: serve, learn, digests, forget."""
+"""Command line: serve, learn, digests, forget, config and store."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import signal
 import ssl
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import TextIO
 
@@ -22,15 +22,27 @@ from proxy.app import (
     GATEWAY,
     IN_FLIGHT,
     KNOWN,
+    METRICS,
     SETTINGS,
     create_app,
+    load_certificate,
     read_digest_files,
     runner_for,
     server_ssl_context,
+    without_own_server_header,
 )
-from proxy.config import Address, ConfigError, Settings, load_settings, state_dir
+from proxy.config import (
+    Address,
+    ConfigError,
+    Settings,
+    default_store_url,
+    load_settings,
+    state_dir,
+)
+from proxy.config_commands import check, reference_text, show
 from proxy.logs import configure_logging, log_event
 from proxy.manifests import ForeignClassifier, is_digest
+from proxy.metrics import version
 from proxy.policy import Action
 from proxy.registry_client import RegistryAccess
 from proxy.sources import (
@@ -41,39 +53,71 @@ from proxy.sources import (
     parse_registry_root,
     scan,
 )
-from proxy.store import ForeignStore, RepositoryStats, StoreError, open_store
+from proxy.store import (
+    ForeignStore,
+    RepositoryStats,
+    SqliteStore,
+    StoreError,
+    open_store,
+)
+from proxy.store_transfer import TransferError, export_lines, parse_lines
 
 logger = logging.getLogger("foreign_layer_proxy")
 PROGRAM = "foreign-layer-proxy"
 STATS_OUTCOMES = ("dropped", "rejected", "leaked", "audited")
 BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+EXIT_RUNTIME = 1
+EXIT_USAGE = 2
 
 
 def _store_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="YAML configuration file")
-    parser.add_argument("--store", help="store URL: sqlite:///PATH (default), memory://, redis://HOST:PORT/DB")
+    parser.add_argument("--config", type=Path, metavar="FILE",
+                        help="YAML configuration file (see `foreign-layer-proxy config example`)")
+    parser.add_argument("--store", metavar="URL",
+                        help="store URL: sqlite:///PATH, redis[s]://[:PASSWORD@]HOST:PORT/DB or memory:// "
+                             f"(default: {default_store_url()}, the state folder that serve, learn, digests "
+                             "and forget share)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROGRAM, description="Registry gateway that keeps foreign layers out.")
-    commands = parser.add_subparsers(dest="command", required=True)
+def _command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], name: str, summary: str, example: str,
+    run: Callable[[argparse.Namespace], int],
+) -> argparse.ArgumentParser:  # fmt: skip
+    parser = commands.add_parser(
+        name, help=summary, description=summary, epilog=f"example:\n{example}\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    parser.set_defaults(run=run)
+    return parser
 
-    serve = commands.add_parser("serve", help="run the gateway in front of a registry")
+
+def add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = _command(commands, "serve", "run the gateway in front of a registry",
+                     "  foreign-layer-proxy serve --upstream http://127.0.0.1:5001 --listen 127.0.0.1:5000\n"
+                     "SIGHUP reloads the config file, digest files and the TLS certificate; SIGTERM drains "
+                     "and stops.", run_serve)  # fmt: skip
     _store_options(serve)
-    serve.add_argument("--upstream", help="the registry's URL, e.g. http://127.0.0.1:5001")
-    serve.add_argument("--listen", help="HOST:PORT for registry clients (default 0.0.0.0:5000)")
-    serve.add_argument("--admin-listen", help="HOST:PORT for metrics and health (default 127.0.0.1:9090)")
-    serve.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM)")
-    serve.add_argument("--tls-key", help="the certificate's private key (PEM)")
-    serve.add_argument("--upstream-ca", help="CA bundle that signed the upstream's certificate")
+    serve.add_argument("--upstream", metavar="URL", help="upstream.url: the registry's URL, e.g. http://127.0.0.1:5001")
+    serve.add_argument("--listen", metavar="HOST:PORT", help="server.listen: for registry clients (default 0.0.0.0:5000)")
+    serve.add_argument("--admin-listen", metavar="HOST:PORT",
+                       help="admin.listen: metrics, health and readiness (default 127.0.0.1:9090)")
+    serve.add_argument("--tls-cert", metavar="FILE", help="server.tls_cert: serve HTTPS with this certificate (PEM)")
+    serve.add_argument("--tls-key", metavar="FILE", help="server.tls_key: the certificate's private key (PEM)")
+    serve.add_argument("--upstream-ca", metavar="FILE", help="upstream.ca_file: CA bundle that signed the upstream's certificate")
     serve.add_argument("--upstream-insecure", action="store_const", const=True,
-                       help="do not verify the upstream's TLS certificate")
+                       help="upstream.insecure: do not verify the upstream's TLS certificate")
     serve.add_argument("--action", choices=[action.value for action in Action],
                        help="policy.default: what to do with a push of a known foreign layer")
-    serve.add_argument("--log-format", choices=["json", "text"])
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-format", choices=["json", "text"], help="log.format: json lines, or text for a terminal")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="log.level")
 
-    learn = commands.add_parser("learn", help="record the foreign layers of images")
+
+def add_learn(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    learn = _command(commands, "learn", "record the foreign layers of images in the store",
+                     "  foreign-layer-proxy learn dir:./windows-image\n"
+                     "  REGISTRY_AUTH=user:password foreign-layer-proxy learn --scan docker://registry.example:5000/\n"
+                     "Registry credentials: --username/--password, else REGISTRY_AUTH (user:password, or the "
+                     "base64 `auth` value of a docker config.json).", run_store_command)  # fmt: skip
     _store_options(learn)
     learn.add_argument("sources", nargs="*", metavar="SOURCE",
                        help="manifest file, dir:PATH, oci:PATH, or docker://HOST/REPO:TAG|@DIGEST")
@@ -81,32 +125,95 @@ def build_parser() -> argparse.ArgumentParser:
                        help="walk a registry's catalog, every tag of every repository (resumable)")
     learn.add_argument("--repository", action="append", default=[], metavar="GLOB",
                        help="with --scan: only repositories matching GLOB (repeatable; ** crosses /)")
-    learn.add_argument("--concurrency", type=int, default=4, help="with --scan: repositories scanned at once")
+    learn.add_argument("--concurrency", type=int, default=4, metavar="N", help="with --scan: repositories scanned at once")
     learn.add_argument("--restart", action="store_true", help="with --scan: ignore the progress of an earlier run")
     learn.add_argument("--insecure", action="store_true", help="plain HTTP or unverified TLS to the registry")
-    learn.add_argument("--ca-file", type=Path, help="CA bundle for the registry's certificate")
-    learn.add_argument("--username")
-    learn.add_argument("--password")
+    learn.add_argument("--ca-file", type=Path, metavar="FILE", help="CA bundle for the registry's certificate")
+    learn.add_argument("--username", help="registry user (else REGISTRY_AUTH)")
+    learn.add_argument("--password", help="registry password (else REGISTRY_AUTH)")
     learn.add_argument("--json", action="store_true", help="print what was learned as JSON lines")
 
-    digests = commands.add_parser("digests", help="list the known foreign layers")
+
+def add_digests(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    digests = _command(commands, "digests", "list the known foreign layers (reads the store, never creates it)",
+                       "  foreign-layer-proxy digests --stats", run_store_command)  # fmt: skip
     _store_options(digests)
     digests.add_argument("--stats", action="store_true",
                          help="per repository: how often pushes were dropped, rejected, leaked or audited, "
                               "and the bytes kept out of the registry")
     digests.add_argument("--json", action="store_true", help="one JSON object per digest (per repository with --stats)")
 
-    forget = commands.add_parser("forget", help="remove digests from the store")
+
+def add_forget(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    forget = _command(commands, "forget", "remove digests from an existing store",
+                      "  foreign-layer-proxy forget sha256:3e7a09e2...", run_store_command)  # fmt: skip
     _store_options(forget)
-    forget.add_argument("digests", nargs="+", metavar="DIGEST")
+    forget.add_argument("digests", nargs="+", metavar="DIGEST", help="a digest to forget, e.g. sha256:...")
+
+
+def add_config(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    config = _command(commands, "config", "check, show or print the configuration",
+                      "  foreign-layer-proxy config check --config /etc/foreign-layer-proxy/config.yaml",
+                      run_config_command)  # fmt: skip
+    actions = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    check = _command(actions, "check", "parse the config, load TLS files, reach the upstream and the store; "
+                     "one line per problem, exit 1 if any", "  foreign-layer-proxy config check --config gateway.yaml",
+                     run_config_command)  # fmt: skip
+    show = _command(actions, "show", "print the effective settings (file, environment, flags), secrets redacted",
+                    "  FOREIGN_LAYER_PROXY_POLICY_DEFAULT=reject foreign-layer-proxy config show",
+                    run_config_command)  # fmt: skip
+    for parser in (check, show):
+        _store_options(parser)
+        parser.add_argument("--upstream", metavar="URL", help="upstream.url, as serve --upstream")
+    _command(actions, "example", "print the config reference: every setting with its default and what it does",
+             "  foreign-layer-proxy config example > gateway.yaml", run_config_command)  # fmt: skip
+
+
+def add_store(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    store = _command(commands, "store", "back up, export or import the store",
+                     "  foreign-layer-proxy store export --store sqlite:///var/lib/flp/foreign-layers.db \\\n"
+                     "    | foreign-layer-proxy store import --store redis://redis:6379/0",
+                     run_store_command)  # fmt: skip
+    actions = store.add_subparsers(dest="store_command", metavar="ACTION", required=True)
+    backup = _command(actions, "backup", "copy the store to PATH while gateways use it: SQLite through its online "
+                      "backup API (a consistent .db file), Redis as an export (JSON lines)",
+                      "  foreign-layer-proxy store backup /backups/foreign-layers-$(date +%F).db",
+                      run_store_command)  # fmt: skip
+    backup.add_argument("path", type=Path, metavar="PATH", help="the file to write (must not exist)")
+    export = _command(actions, "export", "print every known layer with its history, and the per-repository counts, "
+                      "as JSON lines", "  foreign-layer-proxy store export > store.jsonl", run_store_command)  # fmt: skip
+    load = _command(actions, "import", "write what `store export` printed into --store (created if needed), "
+                    "replacing records of the same digest or repository",
+                    "  foreign-layer-proxy store import --store redis://redis:6379/0 store.jsonl",
+                    run_store_command)  # fmt: skip
+    load.add_argument("file", nargs="?", type=Path, metavar="FILE", help="the export to read (default: standard input)")
+    for parser in (backup, export, load):
+        _store_options(parser)
+
+
+# One function per subcommand: a new command is one function and one entry here.
+SUBCOMMANDS = (add_serve, add_learn, add_digests, add_forget, add_config, add_store)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROGRAM, description="Registry gateway that keeps foreign layers out.",
+        epilog="example:\n  foreign-layer-proxy serve --upstream http://127.0.0.1:5001\n"
+               "exit status: 0 success, 1 runtime failure (store, registry, network), 2 usage or configuration error",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    parser.add_argument("--version", action="version", version=f"{PROGRAM} {version()}",
+                        help="print the version and exit")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(commands)
     return parser
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    overrides = {"store.url": args.store}
+    overrides = {"store.url": getattr(args, "store", None), "upstream.url": getattr(args, "upstream", None)}
     if args.command == "serve":
         overrides |= {
-            "upstream.url": args.upstream,
             "server.listen": args.listen,
             "admin.listen": args.admin_listen,
             "server.tls_cert": args.tls_cert,
@@ -117,65 +224,117 @@ def settings_from(args: argparse.Namespace) -> Settings:
             "log.format": args.log_format,
             "log.level": args.log_level,
         }
-    return load_settings(args.config, overrides)
+    return load_settings(getattr(args, "config", None), overrides)
+
+
+class ServeError(Exception):
+    """The gateway cannot run here (a port in use): a runtime failure, not a configuration error."""
 
 
 async def start_site(runner: web.AppRunner, address: Address, setting: str, context: ssl.SSLContext | None = None) -> None:
     await runner.setup()
+    without_own_server_header(runner)
     try:
         await web.TCPSite(runner, address.host, address.port, ssl_context=context, reuse_address=True).start()
     except OSError as error:
         await runner.cleanup()
-        raise ConfigError(f"{setting}: cannot listen on {address}: {error.strerror}") from None
+        raise ServeError(f"{setting}: cannot listen on {address}: {error.strerror}") from None
 
 
-def reload(app: web.Application, load: Callable[[], Settings]) -> None:
-    """SIGHUP: new policy, foreign-layer and log settings for the next request; a bad config changes nothing."""
+RELOADED_SECTIONS = ("server", "upstream", "admin", "store")
+RELOADED_TLS = frozenset({"server.tls_cert", "server.tls_key"})
+
+
+def restart_needed(running: Settings, new: Settings, tls: bool) -> list[str]:
+    """Settings that differ but apply only at restart (the certificate is reloaded when TLS is on)."""
+    changed = [
+        f"{section}.{setting.name}"
+        for section in RELOADED_SECTIONS
+        for setting in fields(getattr(running, section))
+        if getattr(getattr(running, section), setting.name) != getattr(getattr(new, section), setting.name)
+    ]
+    return [name for name in changed if not (tls and name in RELOADED_TLS)]
+
+
+def reload(app: web.Application, load: Callable[[], Settings], context: ssl.SSLContext | None) -> None:
+    """SIGHUP: new policy, foreign-layer and log settings for the next request, the certificate for the next
+    connection; a bad config or certificate changes nothing."""
+    metrics = app[METRICS]
     try:
         settings = load()
         static = read_digest_files(settings.foreign.digest_files)
+        certificate = settings.server.tls_cert, settings.server.tls_key
+        if context is not None and certificate[0] is not None and certificate[1] is not None:
+            # Checked on a context of its own first: a key that does not fit would leave the live one half-loaded.
+            for target in (ssl.create_default_context(ssl.Purpose.CLIENT_AUTH), context):
+                load_certificate(target, certificate[0], certificate[1], "server.tls_cert", "server.tls_key")
     except ConfigError as error:
+        metrics.config_loaded(False)
         log_event(logger, logging.ERROR, "reload_refused", error=str(error))
         return
-    running = app[SETTINGS]
-    if (settings.server, settings.upstream, settings.admin, settings.store) != (
-        running.server, running.upstream, running.admin, running.store
-    ):
-        log_event(logger, logging.WARNING, "reload_partial", note="server, upstream, admin and store settings apply at restart")
-    configure_logging(settings.log.level, settings.log.format)
+    restart = restart_needed(app[SETTINGS], settings, tls=context is not None)
+    if restart:
+        log_event(logger, logging.WARNING, "reload_partial", restart_needed=restart,
+                  note="these settings apply at the next restart")  # fmt: skip
+    configure_logging(settings.log.level, settings.log.format, settings.log.access)
     app[GATEWAY].reconfigure(settings)
     app[KNOWN].replace_static(static)
-    log_event(logger, logging.INFO, "reloaded", rules=len(settings.policy.rules), default=settings.policy.default.value)
+    metrics.config_loaded(True)
+    log_event(logger, logging.INFO, "reloaded", rules=len(settings.policy.rules), default=settings.policy.default.value,
+              certificate=str(settings.server.tls_cert) if context is not None else None)  # fmt: skip
 
 
 async def serve(load: Callable[[], Settings]) -> None:
     settings = load()
+    context = server_ssl_context(settings)
     app = create_app(settings)
     runner = runner_for(app, settings)
-    await start_site(runner, settings.server.listen, "server.listen", server_ssl_context(settings))
+    await start_site(runner, settings.server.listen, "server.listen", context)
     admin_runner = web.AppRunner(create_admin_app(app), access_log=None, handle_signals=False)
     try:
         await start_site(admin_runner, settings.admin.listen, "admin.listen")
-    except ConfigError:
+    except ServeError:
         await runner.cleanup()
         raise
     log_event(logger, logging.INFO, "listening", address=str(settings.server.listen), admin=str(settings.admin.listen),
-              upstream=str(settings.upstream.url), tls=settings.server.tls_cert is not None)
+              upstream=str(settings.upstream.url), tls=context is not None, version=version())  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload, app, load)
+    loop.add_signal_handler(signal.SIGHUP, reload, app, load, context)
     await stop.wait()
     in_flight = app[IN_FLIGHT]
+    in_flight.draining = True  # /readyz answers 503 from now on
     log_event(logger, logging.INFO, "stopping", in_flight=in_flight.count, grace_seconds=settings.server.shutdown_timeout)
     for site in list(runner.sites):
         await site.stop()
-    in_flight.draining = True
     if not await in_flight.wait_idle(settings.server.shutdown_timeout):
         log_event(logger, logging.WARNING, "shutdown_timeout", cut_requests=in_flight.count)
     await admin_runner.cleanup()
     await runner.cleanup()
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    configure_logging(settings.log.level, settings.log.format, settings.log.access)
+    with asyncio.Runner(loop_factory=fastest_event_loop()) as runner:
+        runner.run(serve(lambda: settings_from(args)))
+    return 0
+
+
+def run_config_command(args: argparse.Namespace) -> int:
+    if args.config_command == "example":
+        sys.stdout.write(reference_text())
+        return 0
+    if args.config_command == "show":
+        sys.stdout.write(show(settings_from(args)))
+        return 0
+    return asyncio.run(check(
+        lambda: settings_from(args),
+        lambda line: print(f"ok: {line}"),
+        lambda line: print(f"{PROGRAM}: config: {line}", file=sys.stderr),
+    ))  # fmt: skip
 
 
 async def learn(settings: Settings, args: argparse.Namespace, store: ForeignStore) -> None:
@@ -329,21 +488,64 @@ async def forget(store: ForeignStore, digests: Sequence[str]) -> int:
     return 0 if len(removed) == len(set(digests)) else 1
 
 
-async def run_store_command(settings: Settings, args: argparse.Namespace) -> int:
+# Commands that only read the store: a mistyped path must be an error, not a new empty store.
+READ_ONLY = frozenset({"digests", "forget", "backup", "export"})
+
+
+def run_store_command(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    configure_logging(settings.log.level, settings.log.format, settings.log.access)
+    return asyncio.run(store_command(settings, args))
+
+
+async def store_command(settings: Settings, args: argparse.Namespace) -> int:
     try:
-        store = open_store(settings.store.url)
+        store = open_store(settings.store.url, settings.store.tls)
     except ValueError as error:
         raise ConfigError(f"store.url: {error}") from None
+    name = getattr(args, "store_command", None) or args.command
+    if name in READ_ONLY and isinstance(store, SqliteStore) and not store.path.is_file():
+        raise StoreError(f"no store at {store.path} (nothing was learned there yet; check --store or store.url)")
     try:
-        if args.command == "learn":
+        if name == "learn":
             await learn(settings, args, store)
-        elif args.command == "digests":
+        elif name == "digests":
             await (list_repository_stats if args.stats else list_digests)(store, args.json)
-        else:
+        elif name == "forget":
             return await forget(store, args.digests)
+        elif name == "backup":
+            await backup(store, args.path)
+        elif name == "export":
+            for line in await export_lines(store):
+                print(line)
+        else:
+            await import_lines(store, args.file)
         return 0
     finally:
         await store.close()
+
+
+async def backup(store: ForeignStore, path: Path) -> None:
+    if path.exists():
+        raise ConfigError(f"{path} exists: back up to a new file")
+    if isinstance(store, SqliteStore):
+        await store.backup(path)
+        print(f"backed up {store.path} to {path} (SQLite)")
+        return
+    lines = await export_lines(store)
+    path.write_text("".join(f"{line}\n" for line in lines))
+    print(f"backed up {len(lines) - 1} records to {path} (JSON lines; restore with `store import`)")
+
+
+async def import_lines(store: ForeignStore, source: Path | None) -> None:
+    try:
+        text = sys.stdin.read() if source is None or str(source) == "-" else source.read_text()
+    except OSError as error:
+        raise ConfigError(f"{source}: cannot read: {error.strerror}") from None
+    records, repositories = parse_lines(text.splitlines())
+    await store.restore(records, repositories)
+    print(f"imported {len(records)} foreign digests and the counts of {len(repositories)} repositories",
+          file=sys.stderr)
 
 
 def fastest_event_loop() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -356,18 +558,17 @@ def fastest_event_loop() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status: 0 done, 1 a runtime failure, 2 a usage or configuration error (argparse's own too)."""
     args = build_parser().parse_args(argv)
     try:
-        settings = settings_from(args)
-        configure_logging(settings.log.level, settings.log.format)
-        if args.command == "serve":
-            with asyncio.Runner(loop_factory=fastest_event_loop()) as runner:
-                runner.run(serve(lambda: settings_from(args)))
-            return 0
-        return asyncio.run(run_store_command(settings, args))
-    except (ConfigError, SourceError, StoreError) as error:
+        run: Callable[[argparse.Namespace], int] = args.run
+        return run(args)
+    except ConfigError as error:
         print(f"{PROGRAM}: error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except (SourceError, StoreError, TransferError, ServeError) as error:
+        print(f"{PROGRAM}: error: {error}", file=sys.stderr)
+        return EXIT_RUNTIME
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

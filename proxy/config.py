@@ -18,6 +18,7 @@ from yarl import URL
 
 from proxy.manifests import FOREIGN_MEDIA_TYPES
 from proxy.policy import Action, Policy, Rule
+from proxy.store import TlsFiles
 
 ENV_PREFIX = "FOREIGN_LAYER_PROXY_"
 USERINFO = re.compile(r"(//)[^/@]*@")
@@ -174,7 +175,7 @@ def state_dir() -> Path:
 
 
 def default_store_url() -> str:
-    return f"sqlite:///{state_dir() / 'foreign-layers.db'}"
+    return f"sqlite://{(state_dir() / 'foreign-layers.db').absolute()}"
 
 
 def parsed_by(parse: Callable[[object], Any]) -> dict[str, Callable[[object], Any]]:
@@ -204,6 +205,7 @@ class UpstreamSettings:
 @dataclass(frozen=True, slots=True)
 class AdminSettings:
     listen: Address = field(default=Address("127.0.0.1", 9090), metadata=parsed_by(parse_address))
+    ready_requires_upstream: bool = field(default=False, metadata=parsed_by(parse_bool))
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,12 +253,20 @@ class StoreSettings:
     url: str = field(default_factory=default_store_url, metadata=parsed_by(parse_store_url))
     sync_interval: float = field(default=0.5, metadata=parsed_by(parse_positive_float))
     required: bool = field(default=False, metadata=parsed_by(parse_bool))
+    tls_ca_file: Path | None = field(default=None, metadata=parsed_by(parse_optional_file))
+    tls_cert_file: Path | None = field(default=None, metadata=parsed_by(parse_optional_file))
+    tls_key_file: Path | None = field(default=None, metadata=parsed_by(parse_optional_file))
+
+    @property
+    def tls(self) -> TlsFiles:
+        return TlsFiles(self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
 
 
 @dataclass(frozen=True, slots=True)
 class LogSettings:
     level: str = field(default="INFO", metadata=parsed_by(parse_log_level))
     format: str = field(default="json", metadata=parsed_by(parse_log_format))
+    access: bool = field(default=True, metadata=parsed_by(parse_bool))
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,6 +368,8 @@ def load_settings(
     settings = Settings(**{section: _build_section(section, merged.get(section, {})) for section in SECTIONS})
     if (settings.server.tls_cert is None) != (settings.server.tls_key is None):
         raise ConfigError("server.tls_cert and server.tls_key must be given together")
+    if settings.store.tls_key_file is not None and settings.store.tls_cert_file is None:
+        raise ConfigError("store.tls_key_file needs store.tls_cert_file")
     return settings
 
 

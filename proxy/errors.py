@@ -52,10 +52,16 @@ MAX_REASON_CHARACTERS = 300
 
 
 class GatewayError(Exception):
-    def __init__(self, kind: ErrorKind, message: str | None = None, detail: Mapping[str, Any] | None = None):
+    """`message` and `detail` go to the client; `cause` (internal addresses, library errors) only to the log."""
+
+    def __init__(
+        self, kind: ErrorKind, message: str | None = None, detail: Mapping[str, Any] | None = None,
+        cause: str | None = None,
+    ):  # fmt: skip
         super().__init__(message or kind.message)
         self.kind = kind
         self.detail: Mapping[str, Any] = detail or {}
+        self.cause = cause
 
 
 def error_body(code: str, message: str, detail: Mapping[str, Any] | None = None) -> bytes:

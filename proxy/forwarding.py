@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -14,7 +15,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.config import UpstreamSettings
+from proxy.config import ConfigError, UpstreamSettings
 from proxy.errors import (
     UPSTREAM_BROKEN,
     UPSTREAM_TIMEOUT,
@@ -40,8 +41,13 @@ class StreamAborted(Exception):
 
 
 def client_ssl_context(ca_file: Path | None, insecure: bool) -> ssl.SSLContext:
-    """TLS 1.2 or newer to a registry; certificate checks are off only when asked for explicitly."""
-    context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    """TLS 1.2 or newer to a registry; certificate checks are off only when asked for explicitly.
+
+    A CA file that is no PEM bundle is a one-line ConfigError."""
+    try:
+        context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    except ssl.SSLError as error:
+        raise ConfigError(f"{ca_file}: not a PEM CA bundle ({(error.reason or str(error)).lower()})") from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if insecure:
         context.check_hostname = False
@@ -69,11 +75,19 @@ def create_session(settings: UpstreamSettings) -> aiohttp.ClientSession:
 
 
 def translate(error: BaseException) -> GatewayError:
+    """What failed, for the client; the upstream's address and the library's own words only for the log."""
+    cause = " ".join(str(error).split()) or error.__class__.__name__
     if isinstance(error, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
-        return GatewayError(UPSTREAM_TIMEOUT, f"upstream registry did not answer in time ({error.__class__.__name__})")
-    if isinstance(error, aiohttp.ClientConnectorError | aiohttp.ClientConnectorSSLError):
-        return GatewayError(UPSTREAM_UNREACHABLE, f"upstream registry is unreachable: {error.os_error.strerror or error}")
-    return GatewayError(UPSTREAM_BROKEN, f"upstream registry connection failed: {error.__class__.__name__}")
+        return GatewayError(
+            UPSTREAM_TIMEOUT, f"upstream registry did not answer in time ({error.__class__.__name__})", cause=cause
+        )
+    if isinstance(error, aiohttp.ClientSSLError):
+        return GatewayError(UPSTREAM_UNREACHABLE, "upstream registry is unreachable: TLS handshake failed", cause=cause)
+    if isinstance(error, aiohttp.ClientConnectorError):
+        errno = error.os_error.errno
+        reason = os.strerror(errno).lower() if errno else error.os_error.__class__.__name__
+        return GatewayError(UPSTREAM_UNREACHABLE, f"upstream registry is unreachable: {reason}", cause=cause)
+    return GatewayError(UPSTREAM_BROKEN, f"upstream registry connection failed: {error.__class__.__name__}", cause=cause)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,17 +156,19 @@ async def read_capped(content: aiohttp.StreamReader, cap: int) -> bytes | None:
     return b"".join(parts)
 
 
-async def relay_body(source: aiohttp.ClientResponse, sink: web.StreamResponse) -> None:
-    """Copy an upstream body to the client."""
+async def relay_body(source: aiohttp.ClientResponse, sink: web.StreamResponse) -> int:
+    """Copy an upstream body to the client; returns the number of body bytes copied."""
     content = source.content
+    copied = 0
     while True:
         try:
             chunk = await next_chunk(content)
         except (TimeoutError, aiohttp.ClientError) as error:
             raise StreamAborted(f"upstream failed mid-body: {translate(error)}") from error
         if not chunk:
-            return
+            return copied
         try:
             await sink.write(chunk)
         except ConnectionError as error:
             raise StreamAborted("client closed the connection") from error
+        copied += len(chunk)

@@ -62,6 +62,7 @@ logger = logging.getLogger("foreign_layer_proxy.gateway")
 REQUEST_ID = web.RequestKey("request_id", str)
 ROUTE = web.RequestKey("route", RouteMatch)
 DECISION = web.RequestKey("decision", Decision)
+BODY_BYTES_OUT = web.RequestKey("body_bytes_out", int)
 
 # Query parameters through which a push names the blob it writes, per route.
 PUSH_DIGEST_PARAMETERS: dict[RouteKind, tuple[str, ...]] = {
@@ -89,6 +90,20 @@ class SeenManifests:
         self._digests.move_to_end(digest)
         if len(self._digests) > self.capacity:
             self._digests.popitem(last=False)
+
+
+def blob_committed(client_origin: str, repository: str, digest: str) -> web.Response:
+    """The registry's answer to a completed blob upload or mount (distribution's blobUploadResponse with
+    201): the same headers, the Location absolute as the registry builds it from Host and X-Forwarded-*."""
+    return web.Response(
+        status=201,
+        headers={
+            "Docker-Distribution-Api-Version": "registry/2.0",
+            "Location": f"{client_origin}/v2/{repository}/blobs/{digest}",
+            "Docker-Content-Digest": digest,
+            "Content-Length": "0",
+        },
+    )
 
 
 def expects_continue(request: web.Request) -> bool:
@@ -282,14 +297,7 @@ class Gateway:
                 },
             )
         await drain(request, self.settings.server.idle_timeout)
-        return web.Response(
-            status=201,
-            headers={
-                "Location": f"/v2/{decision.repository}/blobs/{layer.digest}",
-                "Docker-Content-Digest": layer.digest,
-                "Content-Length": "0",
-            },
-        )
+        return blob_committed(self.origins(request).client, decision.repository, layer.digest)
 
     async def cancel_upload(self, request: web.Request, session_target: str) -> None:
         """Abort the upstream session of a dropped or rejected upload, so the registry never commits it."""
@@ -484,8 +492,9 @@ class Gateway:
         await response.prepare(request)
         if request.method != "HEAD":
             if body is None:
-                await relay_body(upstream, response)
+                request[BODY_BYTES_OUT] = await relay_body(upstream, response)
             else:
                 await response.write(body)
+                request[BODY_BYTES_OUT] = len(body)
         await response.write_eof()
         return response

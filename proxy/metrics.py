@@ -6,19 +6,25 @@ which the operator's config bounds.
 
 from __future__ import annotations
 
+import platform
+import time
 from collections.abc import Callable
+from importlib import metadata
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
+    Info,
+    ProcessCollector,
     generate_latest,
 )
 
 from proxy.routes import RouteKind
 
 PREFIX = "foreign_layer_proxy"
+DISTRIBUTION = "foreign-layer-proxy"
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 UPLOAD_ROUTES = frozenset({RouteKind.UPLOAD_START, RouteKind.UPLOAD_SESSION})
 
@@ -34,9 +40,32 @@ def route_label(method: str, kind: RouteKind | None) -> str:
     return "other"
 
 
+def version() -> str:
+    """The installed package's version (what `--version` prints and build_info carries)."""
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 class Metrics:
+    """Names follow Prometheus' conventions: base unit last but for `_total`, e.g. `_kept_out_bytes_total`."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
+        Info(f"{PREFIX}_build", "The running version.", registry=self.registry).info(
+            {"version": version(), "python_version": platform.python_version()}
+        )
+        self.reload_success = Gauge(
+            f"{PREFIX}_config_last_reload_success", "1 if the last configuration (re)load succeeded, else 0.",
+            registry=self.registry,
+        )  # fmt: skip
+        self.reload_success_time = Gauge(
+            f"{PREFIX}_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last configuration (re)load that succeeded.", registry=self.registry,
+        )  # fmt: skip
+        self.config_loaded(True)
         self.requests = Counter(
             f"{PREFIX}_requests", "Requests handled, by method, route kind and status.",
             ["method", "route", "status"], registry=self.registry,
@@ -46,7 +75,8 @@ class Metrics:
             ["route"], buckets=DURATION_BUCKETS, registry=self.registry,
         )  # fmt: skip
         self.bytes_streamed = Counter(
-            f"{PREFIX}_bytes_streamed", "Body bytes streamed: up (client to registry) and down (registry to client).",
+            f"{PREFIX}_streamed_bytes",
+            "Body bytes (no headers) streamed: up (client to registry) and down (registry or gateway to client).",
             ["direction"], registry=self.registry,
         )  # fmt: skip
         self.decisions = Counter(
@@ -55,7 +85,7 @@ class Metrics:
             ["action", "rule"], registry=self.registry,
         )  # fmt: skip
         self.bytes_kept_out = Counter(
-            f"{PREFIX}_bytes_kept_out", "Bytes of foreign layers that did not reach the registry.",
+            f"{PREFIX}_kept_out_bytes", "Bytes of foreign layers that did not reach the registry.",
             registry=self.registry,
         )  # fmt: skip
         self.learned = Counter(
@@ -96,6 +126,11 @@ class Metrics:
         duration_histogram.observe(duration)
         self._bytes_up.inc(bytes_in)
         self._bytes_down.inc(bytes_out)
+
+    def config_loaded(self, success: bool) -> None:
+        self.reload_success.set(1 if success else 0)
+        if success:
+            self.reload_success_time.set(time.time())
 
     def track_known(self, count: Callable[[], int]) -> None:
         self.known_foreign.set_function(lambda: float(count()))

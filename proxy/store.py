@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -53,6 +53,18 @@ class RepositoryStats:
     bytes_kept_out: int
 
 
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """A rediss:// store's CA bundle (else the system's trust store) and client certificate, all PEM files."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+NO_TLS = TlsFiles()
+
+
 class StoreError(Exception):
     """The store's backend failed; the message names the backend (the SQLite file, the Redis URL without password)."""
 
@@ -91,6 +103,10 @@ class ForeignStore(Protocol):
         file starts again from 0).
         """
 
+    async def restore(self, records: Sequence[ForeignRecord], repositories: Sequence[RepositoryStats]) -> None:
+        """Write records and repository counts as given (an export of another store), replacing any of the same
+        digest or repository; other records stay."""
+
     async def record_upload(self, repository: str, digest: str, ttl_seconds: float) -> None:
         """Remember for `ttl_seconds` (> 0, else ValueError) that `digest` was uploaded to `repository`."""
 
@@ -100,10 +116,10 @@ class ForeignStore(Protocol):
     async def close(self) -> None: ...
 
 
-def open_store(url: str) -> ForeignStore:
+def open_store(url: str, tls: TlsFiles = NO_TLS) -> ForeignStore:
     """The store a URL names; ValueError for an unsupported or malformed URL. Nothing is opened until first use.
 
-    Messages show the URL without its password.
+    `tls` applies to rediss:// only. Messages show the URL without its password.
     """
     shown = without_password(url)
     scheme, separator, location = url.partition("://")
@@ -120,7 +136,7 @@ def open_store(url: str) -> ForeignStore:
             # Imported here so that the SQLite-only CLI paths do not load the Redis client.
             from proxy.store_redis import RedisStore, parse_redis_url
 
-            return RedisStore(parse_redis_url(url))
+            return RedisStore(parse_redis_url(url), tls=tls)
         case _:
             raise ValueError(f"unsupported store URL {shown!r}: expected {SUPPORTED_URLS}")
 
@@ -215,6 +231,13 @@ class MemoryStore:
         if repository is not None:
             stats = self._repositories.get(repository, RepositoryStats(repository, {}, 0))
             self._repositories[repository] = _counted(stats, outcome, nbytes)
+
+    async def restore(self, records: Sequence[ForeignRecord], repositories: Sequence[RepositoryStats]) -> None:
+        self._check_open()
+        self._records.update((record.layer.digest, record) for record in records)
+        self._repositories.update((stats.repository, stats) for stats in repositories)
+        if records:
+            self._generation += 1
 
     async def repository_stats(self) -> list[RepositoryStats]:
         self._check_open()
@@ -345,6 +368,10 @@ INSERT_LAYER = """
 """
 
 LAYER_COLUMNS = "digest, media_type, size, urls, diff_id"
+HISTORY_COLUMNS = (
+    "first_source, first_repository, first_manifest_digest, first_seen, "
+    "last_source, last_repository, last_manifest_digest, last_seen"
+)
 
 SELECT_RECORDS = f"""
     SELECT {LAYER_COLUMNS},
@@ -467,6 +494,46 @@ class SqliteStore:
             return by_bytes_kept_out(RepositoryStats(name, json.loads(outcomes), total) for name, outcomes, total in rows)
 
         return await self._run(select_stats)
+
+    async def restore(self, records: Sequence[ForeignRecord], repositories: Sequence[RepositoryStats]) -> None:
+        records, repositories = tuple(records), tuple(repositories)
+
+        def write_records(connection: sqlite3.Connection) -> tuple[None, bool]:
+            for record in records:
+                layer, first, last = record.layer, record.first_sighting, record.last_sighting
+                connection.execute("DELETE FROM outcomes WHERE digest = ?", (layer.digest,))
+                connection.execute(
+                    f"INSERT OR REPLACE INTO foreign_layers ({LAYER_COLUMNS}, {HISTORY_COLUMNS}, bytes_kept_out) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (layer.digest, layer.media_type, layer.size, json.dumps(list(layer.urls)), layer.diff_id,
+                     first.source, first.repository, first.manifest_digest, record.first_seen,
+                     last.source, last.repository, last.manifest_digest, record.last_seen, record.bytes_kept_out),
+                )  # fmt: skip
+                connection.executemany(
+                    "INSERT INTO outcomes (digest, outcome, count) VALUES (?, ?, ?)",
+                    [(layer.digest, outcome, count) for outcome, count in record.outcomes.items()],
+                )
+            for stats in repositories:
+                # The table keeps bytes per outcome; repository_stats() sums them, so the total goes on one row.
+                connection.execute("DELETE FROM repository_outcomes WHERE repository = ?", (stats.repository,))
+                connection.executemany(
+                    "INSERT INTO repository_outcomes (repository, outcome, count, bytes_kept_out) VALUES (?, ?, ?, ?)",
+                    [(stats.repository, outcome, count, stats.bytes_kept_out if index == 0 else 0)
+                     for index, (outcome, count) in enumerate(stats.outcomes.items())],
+                )  # fmt: skip
+            return None, bool(records)
+
+        await self._write(write_records)
+
+    async def backup(self, target: Path) -> None:
+        """A consistent copy of the file through SQLite's online backup API (a plain copy of a file in WAL
+        mode misses what is still in the write-ahead log)."""
+
+        def copy(connection: sqlite3.Connection) -> None:
+            with contextlib.closing(sqlite3.connect(target)) as destination:
+                connection.backup(destination)
+
+        await self._run(copy)
 
     async def generation(self) -> int:
         def select_generation(connection: sqlite3.Connection) -> int:
@@ -618,7 +685,7 @@ class SqliteStore:
             )
         return version
 
-    @contextmanager
+    @contextlib.contextmanager
     def _backend_errors(self) -> Iterator[None]:
         try:
             yield

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import cast
@@ -32,11 +32,13 @@ from redis.typing import EncodableT
 
 from proxy.manifests import ForeignLayer
 from proxy.store import (
+    NO_TLS,
     Clock,
     ForeignRecord,
     RepositoryStats,
     Sighting,
     StoreError,
+    TlsFiles,
     by_bytes_kept_out,
     upload_expiry,
     with_gaps_filled,
@@ -187,6 +189,10 @@ def _decode_counts(counts: dict[str, str]) -> dict[str, int]:
     return {outcome: int(count) for outcome, count in counts.items()}
 
 
+def _encoded_counts(counts: Mapping[str, int]) -> dict[EncodableT, EncodableT]:
+    return {outcome: count for outcome, count in counts.items()}
+
+
 def _upload_key(repository: str, digest: str) -> str:
     return f"{PREFIX}upload:{repository}@{digest}"
 
@@ -198,7 +204,10 @@ class RedisStore:
     with StoreError while Redis is away and work again once it is back.
     """
 
-    def __init__(self, location: RedisLocation, *, clock: Clock = time.time, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self, location: RedisLocation, *, clock: Clock = time.time, timeout: float = DEFAULT_TIMEOUT,
+        tls: TlsFiles = NO_TLS,
+    ) -> None:  # fmt: skip
         self._location = location
         self._clock = clock
         self._closed = False
@@ -209,6 +218,9 @@ class RedisStore:
             username=location.username,
             password=location.password,
             ssl=location.tls,
+            ssl_ca_certs=str(tls.ca_file) if tls.ca_file else None,
+            ssl_certfile=str(tls.cert_file) if tls.cert_file else None,
+            ssl_keyfile=str(tls.key_file) if tls.key_file else None,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             # One quick retry re-opens a pooled connection that died with a Redis restart; more would
@@ -347,6 +359,29 @@ class RedisStore:
                 RepositoryStats(repository, _decode_counts(counts), int(nbytes))
                 for (repository, nbytes), counts in zip(kept_out.items(), outcomes, strict=True)
             )
+
+    async def restore(self, records: Sequence[ForeignRecord], repositories: Sequence[RepositoryStats]) -> None:
+        with self._backend_errors():
+            async with self._client.pipeline(transaction=True) as pipe:
+                for record in records:
+                    digest = record.layer.digest
+                    history = _History(record.first_sighting, record.first_seen, record.last_sighting, record.last_seen)
+                    pipe.hset(LAYERS, digest, _encode_layer(record.layer))
+                    pipe.hset(HISTORY, digest, _encode_history(history))
+                    pipe.hset(BYTES_KEPT_OUT, digest, record.bytes_kept_out)
+                    pipe.delete(_outcomes_key(digest))
+                    if record.outcomes:
+                        pipe.hset(_outcomes_key(digest), mapping=_encoded_counts(record.outcomes))
+                for stats in repositories:
+                    pipe.hset(REPOSITORY_BYTES_KEPT_OUT, stats.repository, stats.bytes_kept_out)
+                    pipe.delete(_repository_outcomes_key(stats.repository))
+                    if stats.outcomes:
+                        pipe.hset(_repository_outcomes_key(stats.repository), mapping=_encoded_counts(stats.outcomes))
+                if records:
+                    pipe.set(GENERATION, generation_base(), nx=True)
+                    pipe.incr(GENERATION)
+                    pipe.publish(CHANNEL, "restore")
+                await pipe.execute()
 
     async def generation(self) -> int:
         with self._backend_errors():

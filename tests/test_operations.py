@@ -44,11 +44,11 @@ async def test_metrics_move_with_a_push(
 
     prefix = "foreign_layer_proxy"
     assert moved(f"{prefix}_decisions_total", action="dropped", rule="default") == 1
-    assert moved(f"{prefix}_bytes_kept_out_total") == foreign.size
+    assert moved(f"{prefix}_kept_out_bytes_total") == foreign.size
     assert moved(f"{prefix}_learned_digests_total", source="manifest-put") == 1
     assert moved(f"{prefix}_requests_total", method="PUT", route="manifest_put", status="201") == 1
     assert moved(f"{prefix}_requests_total", method="PUT", route="blob_upload", status="201") == len(image.blobs)
-    assert moved(f"{prefix}_bytes_streamed_total", direction="up") >= sum(len(blob) for blob in image.blobs.values())
+    assert moved(f"{prefix}_streamed_bytes_total", direction="up") >= sum(len(blob) for blob in image.blobs.values())
     assert after[(f"{prefix}_known_foreign_digests", ())] == 1
     assert not any("win/" in str(labels) for _, labels in after)
 
