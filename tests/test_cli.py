@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import trustme
 from support.fixtures import GatewayFactory
 from support.images import (
     Image,
@@ -295,20 +296,59 @@ def unknown_environment_variable(tmp_path: Path, busy: int) -> tuple[list[str], 
     )
 
 
+def certificate_files(tmp_path: Path) -> tuple[Path, Path]:
+    issued = trustme.CA().issue_cert("127.0.0.1")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    issued.cert_chain_pems[0].write_to_path(str(cert))
+    issued.private_key_pem.write_to_path(str(key))
+    return cert, key
+
+
+def tls_key_not_pem(tmp_path: Path, busy: int) -> tuple[list[str], dict[str, str], list[str]]:
+    cert, key = certificate_files(tmp_path)
+    key.write_text("not a key\n")
+    return ["--upstream", "http://127.0.0.1:5001", "--tls-cert", str(cert), "--tls-key", str(key)], {}, [
+        "server.tls_key", str(key), "not a PEM private key"
+    ]
+
+
+def tls_cert_not_pem(tmp_path: Path, busy: int) -> tuple[list[str], dict[str, str], list[str]]:
+    cert, key = certificate_files(tmp_path)
+    cert.write_bytes(b"\x30\x82 DER bytes, not PEM")
+    return ["--upstream", "http://127.0.0.1:5001", "--tls-cert", str(cert), "--tls-key", str(key)], {}, [
+        "server.tls_cert", str(cert), "not a PEM certificate"
+    ]
+
+
+def tls_key_of_another_certificate(tmp_path: Path, busy: int) -> tuple[list[str], dict[str, str], list[str]]:
+    cert, _ = certificate_files(tmp_path)
+    (tmp_path / "other").mkdir()
+    _, other_key = certificate_files(tmp_path / "other")
+    return ["--upstream", "http://127.0.0.1:5001", "--tls-cert", str(cert), "--tls-key", str(other_key)], {}, [
+        "server.tls_key", str(other_key), str(cert)
+    ]
+
+
 SERVE_ERRORS: dict[str, ServeCase] = {
     "unknown-key-in-config-file": unknown_key_in_file,
     "bad-upstream-url": bad_upstream_url,
     "unreadable-tls-cert": unreadable_tls_cert,
+    "tls-key-not-pem": tls_key_not_pem,
+    "tls-cert-not-pem": tls_cert_not_pem,
+    "tls-key-of-another-certificate": tls_key_of_another_certificate,
     "listen-port-in-use": listen_port_in_use,
     "missing-upstream": missing_upstream,
     "unknown-environment-variable": unknown_environment_variable,
 }
+# Failures of the machine rather than of the command line or configuration.
+RUNTIME_FAILURES = frozenset({"listen-port-in-use"})
 
 
 @pytest.mark.parametrize("case", SERVE_ERRORS)
-def test_serve_with_a_bad_configuration_exits_2_with_one_line_naming_it(
+def test_serve_with_a_bad_configuration_exits_with_one_line_naming_it(
     store: str, tmp_path: Path, port_in_use: int, case: str
 ) -> None:
+    """Exit status 2 for a configuration error, 1 for a runtime failure; never a traceback."""
     args, env, named = SERVE_ERRORS[case](tmp_path, port_in_use)
     listen = [] if "--listen" in args else ["--listen", f"127.0.0.1:{free_port()}"]
     # A gateway that starts despite the error would run until this timeout, which then fails the test.
@@ -316,7 +356,7 @@ def test_serve_with_a_bad_configuration_exits_2_with_one_line_naming_it(
         "serve", "--store", store, *listen, "--admin-listen", f"127.0.0.1:{free_port()}", *args, env=env, timeout=30
     )
 
-    assert result.returncode == 2, describe(result)
+    assert result.returncode == (1 if case in RUNTIME_FAILURES else 2), describe(result)
     assert "Traceback" not in result.stderr, describe(result)
     lines = result.stderr.splitlines()
     assert len(lines) == 1, describe(result)

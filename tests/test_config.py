@@ -59,7 +59,7 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert (settings.upstream.ca_file, settings.upstream.insecure, settings.upstream.pass_host) == (None, False, True)
     assert (settings.upstream.connect_timeout, settings.upstream.read_timeout) == (10.0, 300.0)
     assert settings.upstream.max_connections == 256
-    assert settings.admin.listen == Address("127.0.0.1", 9090)
+    assert (settings.admin.listen, settings.admin.ready_requires_upstream) == (Address("127.0.0.1", 9090), False)
     assert (settings.forwarded.x_forwarded, settings.forwarded.forwarded) == (True, True)
     assert settings.foreign.media_types == ()
     assert settings.foreign.all_media_types == FOREIGN_MEDIA_TYPES
@@ -67,9 +67,10 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert (settings.policy.default, settings.policy.rules) == (Action.DROP, ())
     assert (settings.policy.pretend_present, settings.policy.manifest_check) == (False, True)
     assert settings.policy.policy.rule_for("any/repo") == ("default", Action.DROP)
-    assert settings.store.url == f"sqlite:///{tmp_path}/state/foreign-layer-proxy/foreign-layers.db"
+    assert settings.store.url == f"sqlite://{tmp_path}/state/foreign-layer-proxy/foreign-layers.db"
     assert settings.store.sync_interval == 0.5
-    assert (settings.log.level, settings.log.format) == ("INFO", "json")
+    assert (settings.store.tls_ca_file, settings.store.tls_cert_file, settings.store.tls_key_file) == (None, None, None)
+    assert (settings.log.level, settings.log.format, settings.log.access) == ("INFO", "json", True)
 
 
 def test_empty_file_and_empty_sections_give_defaults(tmp_path: Path) -> None:

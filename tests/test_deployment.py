@@ -13,9 +13,11 @@ import importlib.util
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path, PurePosixPath
@@ -36,7 +38,9 @@ from proxy.config import ENV_PREFIX, SECTIONS, Settings, UpstreamSettings, load_
 from proxy.policy import glob_to_regex
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE_CONFIG = ROOT / "config/foreign-layer-proxy.yaml"
+EXAMPLE_CONFIG = ROOT / "proxy/foreign-layer-proxy.yaml"
+# The deployment files name the reference by this path: a link to the one in the package.
+CONFIG_LINK = ROOT / "config/foreign-layer-proxy.yaml"
 COMPOSE_FILE = ROOT / "config/docker-compose.yaml"
 KUBERNETES = ROOT / "config/kubernetes"
 KUBERNETES_FILES = ("configmap.yaml", "pvc.yaml", "deployment.yaml", "service.yaml")
@@ -197,7 +201,7 @@ def test_the_final_stage_installs_only_the_wheel_the_builder_built() -> None:
     assert len(installs) == 1
     assert re.search(rf"pip install .*--no-index .*/{wheel}-\*\.whl", installs[0].arguments)
     copied = [copy.operands[:-1] for copy in final.all("COPY") if not any("--from" in flag for flag in copy.flags)]
-    assert copied == [[str(EXAMPLE_CONFIG.relative_to(ROOT))]], "only the config comes from the build context"
+    assert copied == [], "nothing but the wheel comes from the build context"
 
 
 def test_the_image_runs_as_the_user_it_creates() -> None:
@@ -217,10 +221,40 @@ def test_the_entrypoint_is_the_console_script() -> None:
 
 
 def test_the_command_serves_the_config_the_image_carries() -> None:
+    """The image's config is the reference in the wheel, written by `config example`: one source of truth."""
     final = final_stage()
     assert exec_form(final.last("CMD").arguments)[0] == "serve"
-    copies = {PurePosixPath(copy.operands[-1]): copy.operands[0] for copy in final.all("COPY")}
-    assert copies[image_config_path()] == str(EXAMPLE_CONFIG.relative_to(ROOT))
+    written = " ".join(run.arguments for run in final.all("RUN"))
+    assert re.search(rf"foreign-layer-proxy config example > {re.escape(str(image_config_path()))}\b", written)
+
+
+def test_the_config_reference_has_one_source_shipped_in_the_package(tmp_path: Path) -> None:
+    """config/foreign-layer-proxy.yaml (which compose mounts and the docs name) is a link to the package's
+    file; a wheel built from the sources carries it, with the LICENSE, and `config example` prints it."""
+    assert CONFIG_LINK.is_symlink() and CONFIG_LINK.resolve() == EXAMPLE_CONFIG
+    assert setup_cfg()["metadata"]["license"] == "Apache-2.0"
+    license_text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    assert "END OF TERMS AND CONDITIONS" in license_text
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "setup.cfg", "README.md", "LICENSE", "proxy"):
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
+        copy(ROOT / name, source / name)
+    shutil.rmtree(source / "proxy/__pycache__", ignore_errors=True)
+    shutil.rmtree(source / "proxy/foreign_layer_proxy.egg-info", ignore_errors=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path / "wheels",
+         source], check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    (wheel,) = (tmp_path / "wheels").glob("foreign_layer_proxy-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        assert archive.read("proxy/foreign-layer-proxy.yaml") == EXAMPLE_CONFIG.read_bytes()
+    assert any(name.endswith(".dist-info/licenses/LICENSE") or name.endswith(".dist-info/LICENSE") for name in names)
+    printed = subprocess.run([sys.executable, "-m", "proxy", "config", "example"], capture_output=True, timeout=60,
+                             check=True)  # fmt: skip
+    assert printed.stdout == EXAMPLE_CONFIG.read_bytes()
 
 
 def test_ports_state_and_healthcheck_follow_the_settings() -> None:
@@ -445,3 +479,80 @@ def test_the_pod_matches_the_image(configmap_settings: Settings) -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert gateway_container(deployment)["image"] == f"foreign-layer-proxy:{setup_cfg()['metadata']['version']}"
     assert pod["terminationGracePeriodSeconds"] > configmap_settings.server.shutdown_timeout
+
+
+def test_compose_files_say_they_need_compose_v2() -> None:
+    for path in (COMPOSE_FILE, COMPOSE_FILE.with_name("docker-compose.replicas.yaml")):
+        document = yaml.safe_load(path.read_text())
+        assert "name" in document and "version" not in document, path
+        assert "Compose v2" in path.read_text().split("\nname:")[0], path
+    assert "Compose v2" in (ROOT / "README.md").read_text()
+
+
+# Pod Security "restricted", the preStop pause, disruption budget and network policy ---------------------
+
+
+def all_kubernetes_documents() -> list[dict[str, Any]]:
+    return [document for path in sorted(KUBERNETES.glob("*.yaml")) for document in yaml.safe_load_all(path.read_text())]
+
+
+def pod_templates() -> list[tuple[str, dict[str, Any]]]:
+    return [(document["metadata"]["name"], document["spec"]["template"]["spec"])
+            for document in all_kubernetes_documents() if document["kind"] == "Deployment"]  # fmt: skip
+
+
+def restricted_violations(pod: Mapping[str, Any]) -> list[str]:
+    """What Pod Security's "restricted" level refuses (the checks these pods could fail)."""
+    found = []
+    security = pod.get("securityContext", {})
+    if security.get("seccompProfile", {}).get("type") not in {"RuntimeDefault", "Localhost"}:
+        found.append("seccompProfile")
+    for container in pod["containers"]:
+        context = {**security, **container.get("securityContext", {})}
+        if context.get("runAsNonRoot") is not True:
+            found.append(f"{container['name']}: runAsNonRoot")
+        if context.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{container['name']}: allowPrivilegeEscalation")
+        if context.get("capabilities", {}).get("drop") != ["ALL"]:
+            found.append(f"{container['name']}: capabilities")
+    return found
+
+
+def test_every_pod_passes_pod_security_restricted_and_mounts_no_token() -> None:
+    templates = pod_templates()
+    assert len(templates) == 3  # deployment.yaml, and replicas.yaml's gateways and Redis
+    for name, pod in templates:
+        assert restricted_violations(pod) == [], name
+        assert pod["automountServiceAccountToken"] is False, name
+
+
+def test_gateway_pods_pause_before_draining_and_have_time_for_both(configmap_settings: Settings) -> None:
+    for name, pod in pod_templates():
+        if name != "foreign-layer-proxy":
+            continue
+        (container,) = pod["containers"]
+        command = container["lifecycle"]["preStop"]["exec"]["command"]
+        assert command[0] == "sleep"
+        pause = float(command[1])
+        assert 0 < pause < 30
+        assert pod["terminationGracePeriodSeconds"] > pause + configmap_settings.server.shutdown_timeout
+
+
+def test_replicas_have_a_disruption_budget_and_network_policies() -> None:
+    documents = list(yaml.safe_load_all((KUBERNETES / "replicas.yaml").read_text()))
+    gateways = next(d for d in documents if d["kind"] == "Deployment" and d["metadata"]["name"] == "foreign-layer-proxy")
+    labels = gateways["spec"]["template"]["metadata"]["labels"]
+    (budget,) = [d for d in documents if d["kind"] == "PodDisruptionBudget"]
+    assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert budget["spec"]["maxUnavailable"] < gateways["spec"]["replicas"]
+    policies = {d["metadata"]["name"]: d["spec"] for d in documents if d["kind"] == "NetworkPolicy"}
+    gateway_policy = policies["foreign-layer-proxy"]
+    assert gateway_policy["podSelector"]["matchLabels"].items() <= labels.items()
+    open_ports = [port["port"] for rule in gateway_policy["ingress"] if "from" not in rule for port in rule["ports"]]
+    assert open_ports == ["registry"], "only the registry port is open to everyone"
+    redis = next(d for d in documents if d["kind"] == "Deployment" and d["metadata"]["name"] == "foreign-layer-proxy-redis")
+    redis_policy = policies["foreign-layer-proxy-redis"]
+    assert redis_policy["podSelector"]["matchLabels"].items() <= redis["spec"]["template"]["metadata"]["labels"].items()
+    (rule,) = redis_policy["ingress"]
+    (source,) = rule["from"]
+    assert source["podSelector"]["matchLabels"].items() <= labels.items()

@@ -8,12 +8,15 @@ import os
 import signal
 from pathlib import Path
 
+from collections.abc import AsyncIterator
+
 import aiohttp
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support.fixtures import GatewayFactory
 from support.gateway import GatewayProcess
 from support.images import Image, build_image
-from support.protocol import call, push_single_put, teach
+from support.protocol import call, push_single_put, start_upload, teach
 from support.registry import Registry, RegistryConfig, RegistryFactory, make_htpasswd
 
 
@@ -53,17 +56,47 @@ async def test_metrics_move_with_a_push(
     assert not any("win/" in str(labels) for _, labels in after)
 
 
-async def test_readiness_follows_the_upstream(
-    gateway: GatewayProcess, registry: Registry, http: aiohttp.ClientSession
+@pytest.mark.parametrize("required", [False, True], ids=["upstream-reported", "upstream-required"])
+async def test_readiness_reports_the_upstream_and_fails_on_it_only_when_required(
+    gateway_factory: GatewayFactory, registry: Registry, http: aiohttp.ClientSession, required: bool
 ) -> None:
-    assert (await call(http, "GET", f"{gateway.admin_url}/readyz")).status == 200
+    gateway = gateway_factory(registry, config={"admin": {"ready_requires_upstream": required}})
+    up = await call(http, "GET", f"{gateway.admin_url}/readyz")
+    assert (up.status, up.json()["checks"]["upstream"]) == (200, "ok")
     await asyncio.to_thread(registry.stop)
     down = await call(http, "GET", f"{gateway.admin_url}/readyz")
-    assert down.status == 503
+    assert down.status == (503 if required else 200)
     assert down.json()["checks"]["upstream"] != "ok"
+    # A ready gateway tells clients what is wrong, instead of their connections being refused.
+    answer = await call(http, "GET", f"{gateway.url}/v2/")
+    assert (answer.status, answer.error_codes) == (502, ["UNAVAILABLE"])
     assert (await call(http, "GET", f"{gateway.admin_url}/healthz")).status == 200
     await asyncio.to_thread(registry.start)
     assert (await call(http, "GET", f"{gateway.admin_url}/readyz")).status == 200
+
+
+async def test_readiness_is_503_while_draining(
+    gateway: GatewayProcess, registry: Registry, http: aiohttp.ClientSession
+) -> None:
+    release = asyncio.Event()
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        yield b"x" * 1024
+        await release.wait()
+        yield b"y" * 1024
+
+    location = await start_upload(http, gateway.url, "drain/test")
+    upload = asyncio.create_task(call(http, "PATCH", location, data=slow_body()))
+    await gateway.wait_for("request")  # the POST's line: the PATCH is under way after it
+    await asyncio.sleep(0.2)
+    assert (await call(http, "GET", f"{gateway.admin_url}/readyz")).status == 200
+    os.kill(gateway.process.pid, signal.SIGTERM)
+    await gateway.wait_for("stopping")
+    draining = await call(http, "GET", f"{gateway.admin_url}/readyz")
+    release.set()
+    assert (draining.status, draining.json()["checks"]["shutdown"]) == (503, "draining")
+    assert (await upload).status == 202, "the upload in flight still finishes"
+    assert await asyncio.to_thread(gateway.process.wait, 30) == 0
 
 
 async def test_logs_never_carry_credentials_even_at_debug(
