@@ -35,6 +35,7 @@ from proxy.headers import (
     client_scheme_and_host,
     downstream_response_headers,
     origin,
+    registry_origin,
     upstream_request_headers,
     without_body_headers,
 )
@@ -92,14 +93,13 @@ class SeenManifests:
             self._digests.popitem(last=False)
 
 
-def blob_committed(client_origin: str, repository: str, digest: str) -> web.Response:
-    """The registry's answer to a completed blob upload or mount (distribution's blobUploadResponse with
-    201): the same headers, the Location absolute as the registry builds it from Host and X-Forwarded-*."""
+def blob_committed(location: str, digest: str) -> web.Response:
+    """The registry's answer to a completed blob upload or mount (distribution's 201 for it): the same headers."""
     return web.Response(
         status=201,
         headers={
             "Docker-Distribution-Api-Version": "registry/2.0",
-            "Location": f"{client_origin}/v2/{repository}/blobs/{digest}",
+            "Location": location,
             "Docker-Content-Digest": digest,
             "Content-Length": "0",
         },
@@ -297,7 +297,8 @@ class Gateway:
                 },
             )
         await drain(request, self.settings.server.idle_timeout)
-        return blob_committed(self.origins(request).client, decision.repository, layer.digest)
+        return blob_committed(self.registry_location(request, f"/v2/{decision.repository}/blobs/{layer.digest}"),
+                              layer.digest)  # fmt: skip
 
     async def cancel_upload(self, request: web.Request, session_target: str) -> None:
         """Abort the upstream session of a dropped or rejected upload, so the registry never commits it."""
@@ -316,6 +317,10 @@ class Gateway:
         own_scheme = "https" if request.secure else "http"
         scheme, host = client_scheme_and_host(request.headers, own_scheme, self.upstream.authority)
         return Origins(upstream=self.upstream_origin, client=origin(scheme, host))
+
+    def registry_location(self, request: web.Request, path: str) -> str:
+        """An absolute URL as the registry would build it for this request, as the client then sees it."""
+        return self.origins(request).rewrite(registry_origin(self.upstream_headers(request)) + path)
 
     def client_body(self, request: web.Request) -> AsyncIterator[bytes]:
         return client_body(request.content, self.settings.server.idle_timeout)

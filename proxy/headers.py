@@ -76,6 +76,31 @@ def client_scheme_and_host(headers: CIMultiDictProxy[str], own_scheme: str, fall
     return scheme, host
 
 
+def _forwarded_pairs(value: str) -> dict[str, str]:
+    """The first (client-most) element of an RFC 7239 Forwarded header, as lower-cased keys."""
+    element = value.split(",", 1)[0]
+    pairs = {}
+    for pair in element.split(";"):
+        key, sep, item = pair.partition("=")
+        if sep:
+            pairs[key.strip().lower()] = item.strip().strip('"')
+    return pairs
+
+
+def registry_origin(upstream_headers: CIMultiDict[str]) -> str:
+    """The origin CNCF distribution (2.8) builds its absolute URLs from, for a request with these headers: the
+    first Forwarded element's proto and host, else X-Forwarded-Proto and -Host, else plain HTTP and Host."""
+    forwarded = _forwarded_pairs(upstream_headers.get("Forwarded", ""))
+    scheme = forwarded.get("proto") or _first_of(upstream_headers, "X-Forwarded-Proto") or "http"
+    host = forwarded.get("host") or _first_of(upstream_headers, "X-Forwarded-Host") or upstream_headers.get("Host") or ""
+    return origin(scheme, host)
+
+
+def _first_of(headers: CIMultiDict[str], name: str) -> str | None:
+    value = headers.get(name)
+    return value.split(",")[0].strip() if value else None
+
+
 def _connection_named(headers: CIMultiDictProxy[str]) -> set[str]:
     return {token.strip().lower() for value in headers.getall("Connection", ()) for token in value.split(",")}
 
