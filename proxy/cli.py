@@ -155,7 +155,7 @@ def add_config(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     config = _command(commands, "config", "check, show or print the configuration",
                       "  foreign-layer-proxy config check --config /etc/foreign-layer-proxy/config.yaml",
                       run_config_command)  # fmt: skip
-    actions = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    actions = config.add_subparsers(dest="config_command", metavar="ACTION", required=True, help="what to do")
     check = _command(actions, "check", "parse the config, load TLS files, reach the upstream and the store; "
                      "one line per problem, exit 1 if any", "  foreign-layer-proxy config check --config gateway.yaml",
                      run_config_command)  # fmt: skip
@@ -174,7 +174,7 @@ def add_store(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
                      "  foreign-layer-proxy store export --store sqlite:///var/lib/flp/foreign-layers.db \\\n"
                      "    | foreign-layer-proxy store import --store redis://redis:6379/0",
                      run_store_command)  # fmt: skip
-    actions = store.add_subparsers(dest="store_command", metavar="ACTION", required=True)
+    actions = store.add_subparsers(dest="store_command", metavar="ACTION", required=True, help="what to do")
     backup = _command(actions, "backup", "copy the store to PATH while gateways use it: SQLite through its online "
                       "backup API (a consistent .db file), Redis as an export (JSON lines)",
                       "  foreign-layer-proxy store backup /backups/foreign-layers-$(date +%F).db",
@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--version", action="version", version=f"{PROGRAM} {version()}",
                         help="print the version and exit")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
     for add in SUBCOMMANDS:
         add(commands)
     return parser

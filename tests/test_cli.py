@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import importlib.metadata
 import json
+import re
+import shutil
 import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 import trustme
+import yaml
 from support.fixtures import GatewayFactory
 from support.images import (
     Image,
@@ -32,6 +38,12 @@ from support.protocol import (
     teach,
 )
 from support.registry import Registry
+from support.services import RedisFactory
+
+from proxy.cli import build_parser
+from proxy.config import load_settings
+from proxy.manifests import ForeignLayer
+from proxy.store import Sighting, SqliteStore, open_store
 
 SUBCOMMANDS = ("serve", "learn", "digests", "forget")
 CONSOLE_SCRIPT = Path(sys.executable).with_name("foreign-layer-proxy")
@@ -388,6 +400,7 @@ async def test_environment_sets_the_policy_and_flags_win_over_it(
     "command", [[sys.executable, "-m", "proxy"], [str(CONSOLE_SCRIPT)]], ids=["python-m-proxy", "console-script"]
 )
 def test_help_and_a_command_through_each_entry_point(command: list[str], store: str) -> None:
+    asyncio.run(SqliteStore(Path(store.removeprefix("sqlite://"))).generation())  # an empty store
     shown = run([*command, "--help"], timeout=60)
     listed = run([*command, "digests", "--store", store], timeout=60)
 
@@ -396,3 +409,199 @@ def test_help_and_a_command_through_each_entry_point(command: list[str], store: 
     assert all(subcommand in shown.stdout for subcommand in SUBCOMMANDS), shown.stdout
     assert listed.returncode == 0, describe(listed)
     assert listed.stdout.split()[:3] == ["DIGEST", "SIZE", "BLOCKED"], listed.stdout
+
+
+# --version, help, exit statuses -------------------------------------------------------------------------
+
+
+def test_version_names_the_installed_package() -> None:
+    shown = succeeded(cli("--version"))
+    assert shown.stdout.strip() == f"foreign-layer-proxy {importlib.metadata.version('foreign-layer-proxy')}"
+
+
+def every_parser(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from every_parser(child, (*path, name))
+
+
+def test_every_flag_has_help_and_every_subcommand_an_example() -> None:
+    parsers = list(every_parser(build_parser()))
+    assert {path for path, _ in parsers} >= {
+        ("serve",), ("learn",), ("digests",), ("forget",), ("config", "check"), ("config", "show"),
+        ("config", "example"), ("store", "backup"), ("store", "export"), ("store", "import"),
+    }  # fmt: skip
+    for path, parser in parsers:
+        undocumented = [action.dest for action in parser._actions if not action.help]
+        assert not undocumented, path
+        if path:
+            assert parser.epilog and re.search(r"^example:\n  .*foreign-layer-proxy", parser.epilog), path
+
+
+def test_usage_errors_exit_2_and_runtime_failures_exit_1(tmp_path: Path) -> None:
+    unknown_flag = cli("digests", "--no-such-flag")
+    no_action = cli("config")
+    missing_store = cli("digests", "--store", f"sqlite:///{tmp_path}/missing.db")
+    assert (unknown_flag.returncode, no_action.returncode, missing_store.returncode) == (2, 2, 1)
+
+
+# Read-only commands never create a store ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command", [["digests"], ["digests", "--stats"], ["forget", f"sha256:{'a' * 64}"], ["store", "export"],
+                ["store", "backup", "BACKUP"]],
+    ids=["digests", "digests-stats", "forget", "store-export", "store-backup"],
+)  # fmt: skip
+def test_read_only_commands_on_a_mistyped_store_create_nothing(tmp_path: Path, command: list[str]) -> None:
+    mistyped = tmp_path / "sate" / "foreign-layers.db"
+    args = [str(tmp_path / "backup.db") if word == "BACKUP" else word for word in command]
+    for how in (["--store", f"sqlite://{mistyped}"], []):
+        # Without --store: the default, in an empty state folder.
+        result = cli(*args, *how, env={"XDG_STATE_HOME": str(tmp_path / "state")})
+        assert result.returncode == 1, describe(result)
+        assert len(result.stderr.splitlines()) == 1 and "no store at" in result.stderr, describe(result)
+    assert sorted(path.name for path in tmp_path.iterdir()) == []
+
+
+def test_serve_learn_digests_and_forget_share_one_state_folder_by_default(tmp_path: Path) -> None:
+    env = {"XDG_STATE_HOME": str(tmp_path / "state")}
+    source, layers = dir_source(tmp_path)
+    learned = learned_rows(cli("learn", source, env=env), source)
+    listed = succeeded(cli("digests", env=env)).stdout
+    shown = yaml.safe_load(succeeded(cli("config", "show", env=env)).stdout)
+
+    assert learned == expected_rows("new", layers)
+    assert all(layer.digest in listed for layer in layers)
+    assert shown["store"]["url"] == f"sqlite://{tmp_path}/state/foreign-layer-proxy/foreign-layers.db"
+    assert (tmp_path / "state/foreign-layer-proxy/foreign-layers.db").is_file()
+    assert succeeded(cli("forget", layers[0].digest, env=env)).stdout.split() == ["forgotten", layers[0].digest]
+
+
+# config check, show, example -----------------------------------------------------------------------------
+
+
+def test_config_example_prints_the_reference_and_it_loads(tmp_path: Path) -> None:
+    printed = succeeded(cli("config", "example")).stdout
+    config = tmp_path / "gateway.yaml"
+    config.write_text(printed)
+    assert printed == (Path(__file__).parent.parent / "proxy/foreign-layer-proxy.yaml").read_text()
+    assert succeeded(cli("config", "show", "--config", config)).stdout
+
+
+def test_config_show_prints_the_effective_settings_with_secrets_redacted(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump({
+        "upstream": {"url": "http://registry:5000"},
+        "policy": {"rules": [{"repository": "ci/**", "action": "reject"}]},
+        "cleanup": {"username": "bob", "password": "hunter2"},
+    }))  # fmt: skip
+    env = {"FOREIGN_LAYER_PROXY_POLICY_DEFAULT": "audit", "FOREIGN_LAYER_PROXY_CLEANUP_BEARER_TOKEN": "t0ken"}
+    result = succeeded(cli("config", "show", "--config", config, "--store", "redis://:s3cret@redis:6379/0", env=env))
+
+    shown = yaml.safe_load(result.stdout)
+    for secret in ("hunter2", "t0ken", "s3cret"):
+        assert secret not in result.stdout
+    assert shown["policy"]["default"] == "audit" and shown["policy"]["rules"] == [{"repository": "ci/**", "action": "reject"}]
+    assert (shown["cleanup"]["username"], shown["cleanup"]["password"], shown["cleanup"]["bearer_token"]) == (
+        "bob", "REDACTED", "REDACTED"
+    )
+    assert shown["store"]["url"] == "redis://***@redis:6379/0"
+    # What it prints is a config file that gives the same settings back (secrets aside).
+    del shown["cleanup"]["password"], shown["cleanup"]["bearer_token"], shown["store"]["url"]
+    again = tmp_path / "again.yaml"
+    again.write_text(yaml.safe_dump(shown))
+    expected = load_settings(config, environ={"FOREIGN_LAYER_PROXY_POLICY_DEFAULT": "audit"})
+    assert load_settings(again, environ={}) == replace(expected, cleanup=replace(expected.cleanup, password=None),
+                                                       store=load_settings(environ={}).store)  # fmt: skip
+
+
+async def test_config_check_passes_a_good_config_and_names_each_problem_of_a_bad_one(
+    registry: Registry, tmp_path: Path, store: str
+) -> None:
+    good = await asyncio.to_thread(cli, "config", "check", "--upstream", registry.url, "--store", store)
+    assert good.returncode == 0, describe(good)
+    assert not good.stderr and "ok: upstream" in good.stdout, describe(good)
+    assert not Path(store.removeprefix("sqlite://")).exists(), "checking never creates the store"
+
+    cert, _ = certificate_files(tmp_path)
+    (tmp_path / "other").mkdir()
+    _, wrong_key = certificate_files(tmp_path / "other")
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump({
+        "server": {"tls_cert": str(cert), "tls_key": str(wrong_key)},
+        "upstream": {"url": f"http://127.0.0.1:{free_port()}", "connect_timeout": 2},
+        "store": {"url": f"redis://127.0.0.1:{free_port()}/0"},
+    }))  # fmt: skip
+    bad = await asyncio.to_thread(cli, "config", "check", "--config", config)
+
+    assert bad.returncode == 1, describe(bad)
+    problems = bad.stderr.splitlines()
+    assert len(problems) == 3, describe(bad)
+    assert [next(p for p in problems if name in p) for name in ("server.tls_key", "upstream.url", "store.url")]
+    assert "Traceback" not in bad.stderr
+
+    unparsable = tmp_path / "typo.yaml"
+    unparsable.write_text("polcy: {}\n")
+    typo = await asyncio.to_thread(cli, "config", "check", "--config", unparsable)
+    assert (typo.returncode, len(typo.stderr.splitlines())) == (1, 1), describe(typo)
+    assert "polcy" in typo.stderr
+
+
+# store backup, export, import ------------------------------------------------------------------------------
+
+
+async def test_store_backup_of_a_live_sqlite_store_holds_what_the_write_ahead_log_holds(
+    store: str, tmp_path: Path
+) -> None:
+    live = SqliteStore(Path(store.removeprefix("sqlite://")))
+    image = build_image(69, foreign=2, os="windows")
+    await live.learn([ForeignLayer(layer.digest, layer.media_type, layer.size, layer.urls) for layer in image.foreign_layers],
+                     Sighting("learn"))  # fmt: skip
+    copied = tmp_path / "copied.db"
+    shutil.copy(live.path, copied)  # what `cp` of a running gateway's file gives: the WAL is missing
+    backup = tmp_path / "backup.db"
+
+    result = await asyncio.to_thread(cli, "store", "backup", "--store", store, backup)
+    again = await asyncio.to_thread(cli, "store", "backup", "--store", store, backup)
+    await live.close()
+
+    assert result.returncode == 0, describe(result)
+    assert again.returncode == 2 and "exists" in again.stderr, describe(again)
+    assert await SqliteStore(copied).known() == {}
+    restored = await SqliteStore(backup).known()
+    assert sorted(restored) == sorted(layer.digest for layer in image.foreign_layers)
+
+
+async def test_store_export_and_import_move_a_sqlite_store_to_redis_with_its_history(
+    gateway_factory: GatewayFactory, registry: Registry, http: aiohttp.ClientSession, redis_factory: RedisFactory,
+    store: str, tmp_path: Path,
+) -> None:
+    image = build_image(70, foreign=2, os="windows")
+    gateway = gateway_factory(registry, store=store, args=["--action", "drop"])
+    await teach(http, gateway.url, "win/base", image)
+    assert (await push_single_put(http, gateway.url, "win/app", image.foreign_layers[0].data)).status == 201
+    await asyncio.to_thread(gateway.stop)
+    redis = redis_factory()
+
+    exported = succeeded(await asyncio.to_thread(cli, "store", "export", "--store", store)).stdout
+    (tmp_path / "store.jsonl").write_text(exported)
+    imported = await asyncio.to_thread(cli, "store", "import", "--store", redis.url(), tmp_path / "store.jsonl")
+    assert imported.returncode == 0, describe(imported)
+
+    source, target = open_store(store), open_store(redis.url())
+    assert await target.records() == await source.records() and await source.records()
+    assert await target.repository_stats() == await source.repository_stats()
+    assert [stats.outcomes for stats in await target.repository_stats()] == [{"dropped": 1}]
+    await source.close()
+    await target.close()
+    # A gateway on Redis enforces what was moved.
+    moved = gateway_factory(registry, store=redis.url(), args=["--action", "reject"])
+    assert (await push_single_put(http, moved.url, "win/other", image.foreign_layers[1].data)).status == 403
+
+    garbage = tmp_path / "garbage.jsonl"
+    garbage.write_text(exported.splitlines()[0] + "\n{\"kind\": \"layer\"}\n")
+    refused = await asyncio.to_thread(cli, "store", "import", "--store", redis.url(), garbage)
+    assert refused.returncode == 1 and "line 2" in refused.stderr and len(refused.stderr.splitlines()) == 1, describe(refused)
