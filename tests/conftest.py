@@ -87,8 +87,12 @@ def redis_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisFac
     require_binaries("redis-server")
     started: list[RedisServer] = []
 
-    def start(*, password: str | None = None, certificate: tuple[Path, Path] | None = None) -> RedisServer:
-        server = RedisServer(tmp_path_factory.mktemp("redis"), password=password, certificate=certificate)
+    def start(
+        *, password: str | None = None, certificate: tuple[Path, Path] | None = None, client_ca: Path | None = None
+    ) -> RedisServer:
+        server = RedisServer(
+            tmp_path_factory.mktemp("redis"), password=password, certificate=certificate, client_ca=client_ca
+        )
         started.append(server)
         return server.start()
 

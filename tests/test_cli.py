@@ -605,3 +605,37 @@ async def test_store_export_and_import_move_a_sqlite_store_to_redis_with_its_his
     garbage.write_text(exported.splitlines()[0] + "\n{\"kind\": \"layer\"}\n")
     refused = await asyncio.to_thread(cli, "store", "import", "--store", redis.url(), garbage)
     assert refused.returncode == 1 and "line 2" in refused.stderr and len(refused.stderr.splitlines()) == 1, describe(refused)
+
+
+async def test_store_tls_settings_reach_a_redis_that_checks_client_certificates(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    """rediss:// with a private CA and a client certificate, from store.tls_* in a config file: what
+    the system trust store and the URL alone cannot express."""
+    authority = trustme.CA()
+    server_cert = authority.issue_cert("127.0.0.1")
+    client_cert = authority.issue_cert("gateway.example")
+    files = {name: tmp_path / f"{name}.pem" for name in ("ca", "server", "server-key", "client", "client-key")}
+    authority.cert_pem.write_to_path(str(files["ca"]))
+    server_cert.cert_chain_pems[0].write_to_path(str(files["server"]))
+    server_cert.private_key_pem.write_to_path(str(files["server-key"]))
+    client_cert.cert_chain_pems[0].write_to_path(str(files["client"]))
+    client_cert.private_key_pem.write_to_path(str(files["client-key"]))
+    redis = redis_factory(certificate=(files["server"], files["server-key"]), client_ca=files["ca"])
+    store_settings = {"url": redis.url(), "tls_ca_file": str(files["ca"])}
+    without_client_cert, with_client_cert = tmp_path / "ca-only.yaml", tmp_path / "full.yaml"
+    without_client_cert.write_text(yaml.safe_dump({"store": store_settings}))
+    with_client_cert.write_text(yaml.safe_dump({"store": {
+        **store_settings, "tls_cert_file": str(files["client"]), "tls_key_file": str(files["client-key"])
+    }}))  # fmt: skip
+    source, layers = dir_source(tmp_path)
+
+    refused = await asyncio.to_thread(cli, "learn", "--config", without_client_cert, source)
+    learned = await asyncio.to_thread(cli, "learn", "--config", with_client_cert, source)
+    checked = await asyncio.to_thread(cli, "config", "check", "--config", with_client_cert, "--upstream", "http://127.0.0.1:9")
+
+    assert refused.returncode == 1 and f"rediss://{redis.host_port}/0" in refused.stderr, describe(refused)
+    assert learned_rows(learned, source) == expected_rows("new", layers)
+    assert "ok: store TLS: files load" in checked.stdout and f"ok: store rediss://{redis.host_port}/0 answers (2" in (
+        checked.stdout
+    ), describe(checked)

@@ -10,6 +10,7 @@ import os
 import platform
 import re
 import signal
+import ssl
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import trustme
 from prometheus_client.parser import text_string_to_metric_families
 from support.fixtures import GatewayFactory
 from support.gateway import GatewayProcess
@@ -364,3 +366,38 @@ async def test_an_unreachable_upstream_is_a_502_that_names_no_internal_address(
     assert str(hidden.rpartition(":")[2]).encode() not in answer.body
     [logged] = await gateway.wait_for("gateway_error")
     assert hidden.rpartition(":")[2] in logged["cause"]
+
+
+async def test_sighup_reloads_the_certificate_for_new_connections_and_says_what_needs_a_restart(
+    gateway_factory: GatewayFactory, registry: Registry, tmp_path: Path
+) -> None:
+    authority = trustme.CA()
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+
+    def install(common_name: str) -> str:
+        issued = authority.issue_cert("127.0.0.1", common_name=common_name)
+        issued.cert_chain_pems[0].write_to_path(str(cert))
+        issued.private_key_pem.write_to_path(str(key))
+        return ssl.DER_cert_to_PEM_cert(ssl.PEM_cert_to_DER_cert(issued.cert_chain_pems[0].bytes().decode()))
+
+    first = install("first")
+    tls = {"tls_cert": str(cert), "tls_key": str(key)}
+    gateway = gateway_factory(registry, config={"server": tls}, tls=True)
+
+    def served() -> str:
+        return ssl.get_server_certificate(("127.0.0.1", gateway.port), timeout=10)
+
+    assert await asyncio.to_thread(served) == first
+    second = install("second")
+    gateway.config_path.write_text(json.dumps({"server": tls, "upstream": {"read_timeout": 60}}))
+    os.kill(gateway.process.pid, signal.SIGHUP)
+    await gateway.wait_for("reloaded")
+    assert await asyncio.to_thread(served) == second
+    [partial] = gateway.events("reload_partial")
+    assert partial["restart_needed"] == ["upstream.read_timeout"]
+
+    key.write_text("not a key\n")
+    os.kill(gateway.process.pid, signal.SIGHUP)
+    [refused] = await gateway.wait_for("reload_refused")
+    assert "server.tls_key" in refused["error"] and "\n" not in refused["error"]
+    assert await asyncio.to_thread(served) == second, "a bad key changes nothing"

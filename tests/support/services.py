@@ -18,11 +18,12 @@ HOST = "127.0.0.1"
 class RedisServer:
     """An in-memory redis-server: `stop()` then `start()` gives a fresh, empty server on the same port,
     as a failover to a replica that had nothing would. With `certificate` (chain and key PEM files)
-    it speaks only TLS."""
+    it speaks only TLS; with `client_ca` too, it admits only clients with a certificate that CA signed."""
 
     def __init__(
-        self, workdir: Path, *, password: str | None = None, certificate: tuple[Path, Path] | None = None
-    ) -> None:
+        self, workdir: Path, *, password: str | None = None, certificate: tuple[Path, Path] | None = None,
+        client_ca: Path | None = None,
+    ) -> None:  # fmt: skip
         self.workdir = workdir
         self.port = free_port()
         self.password = password
@@ -38,7 +39,10 @@ class RedisServer:
         else:
             chain, key = certificate
             command += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(chain),
-                        "--tls-key-file", str(key), "--tls-auth-clients", "no"]  # fmt: skip
+                        "--tls-key-file", str(key)]  # fmt: skip
+            command += ["--tls-auth-clients", "no"] if client_ca is None else [
+                "--tls-auth-clients", "yes", "--tls-ca-cert-file", str(client_ca)
+            ]
         self.process = ManagedProcess(command, log_path=workdir / "redis.log")
 
     @property
@@ -132,7 +136,10 @@ class Haproxy:
 
 
 class RedisFactory(Protocol):
-    def __call__(self, *, password: str | None = None, certificate: tuple[Path, Path] | None = None) -> RedisServer: ...
+    def __call__(
+        self, *, password: str | None = None, certificate: tuple[Path, Path] | None = None,
+        client_ca: Path | None = None,
+    ) -> RedisServer: ...
 
 
 class HaproxyFactory(Protocol):
