@@ -3,9 +3,9 @@ SYSTEM_PACKAGES := docker-registry skopeo containerd podman buildah redis-server
 # The binaries that tell whether SYSTEM_PACKAGES are installed.
 SYSTEM_BINARIES := docker-registry skopeo containerd ctr podman redis-server haproxy nginx htpasswd wrk
 
-.PHONY: run test check lint typecheck system-deps python-deps bench demo
+.PHONY: run test check lint typecheck system-deps run-deps python-deps bench demo
 
-run: system-deps python-deps
+run: system-deps run-deps
 	config/run-local.sh
 
 test: system-deps python-deps check
@@ -24,6 +24,10 @@ system-deps:
 	if [ -n "$$missing" ]; then \
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(SYSTEM_PACKAGES); \
 	fi
+
+# What `make run` needs: the command, installed once (test tools are `python-deps`).
+run-deps:
+	@[ -x .venv/bin/foreign-layer-proxy ] || { [ -x $(PYTHON) ] || python3 -m venv .venv; $(PYTHON) -m pip install -q -e .; }
 
 python-deps:
 	@[ -x $(PYTHON) ] || python3 -m venv .venv

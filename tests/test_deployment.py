@@ -251,7 +251,7 @@ def test_the_config_reference_has_one_source_shipped_in_the_package(tmp_path: Pa
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
         assert archive.read("proxy/foreign-layer-proxy.yaml") == EXAMPLE_CONFIG.read_bytes()
-    assert any(name.endswith(".dist-info/licenses/LICENSE") or name.endswith(".dist-info/LICENSE") for name in names)
+    assert any(name.endswith((".dist-info/licenses/LICENSE", ".dist-info/LICENSE")) for name in names)
     printed = subprocess.run([sys.executable, "-m", "proxy", "config", "example"], capture_output=True, timeout=60,
                              check=True)  # fmt: skip
     assert printed.stdout == EXAMPLE_CONFIG.read_bytes()
