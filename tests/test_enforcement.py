@@ -72,7 +72,7 @@ async def test_every_way_of_pushing_a_known_foreign_blob(
     stored = await upstream_has(http, registry, "win/app", foreign.digest)
     if action == "drop":
         assert (answer.status, answer.headers["Docker-Content-Digest"]) == (201, foreign.digest), answer
-        assert answer.headers["Location"] == f"/v2/win/app/blobs/{foreign.digest}"
+        assert answer.headers["Location"] == f"{gateway.url}/v2/win/app/blobs/{foreign.digest}"
         assert not stored
         await push_image_blobs(http, gateway.url, "win/app", ordinary_blobs(windows_image))
         manifest = await put_manifest(http, gateway.url, "win/app", "1", windows_image.manifest, windows_image.media_type)
