@@ -64,7 +64,7 @@ def origin(scheme: str, authority: str) -> str:
     return f"{scheme}://{authority}"
 
 
-def _first(headers: CIMultiDictProxy[str], name: str) -> str | None:
+def _first(headers: CIMultiDictProxy[str] | CIMultiDict[str], name: str) -> str | None:
     value = headers.get(name)
     return value.split(",")[0].strip() if value else None
 
@@ -91,14 +91,9 @@ def registry_origin(upstream_headers: CIMultiDict[str]) -> str:
     """The origin CNCF distribution (2.8) builds its absolute URLs from, for a request with these headers: the
     first Forwarded element's proto and host, else X-Forwarded-Proto and -Host, else plain HTTP and Host."""
     forwarded = _forwarded_pairs(upstream_headers.get("Forwarded", ""))
-    scheme = forwarded.get("proto") or _first_of(upstream_headers, "X-Forwarded-Proto") or "http"
-    host = forwarded.get("host") or _first_of(upstream_headers, "X-Forwarded-Host") or upstream_headers.get("Host") or ""
+    scheme = forwarded.get("proto") or _first(upstream_headers, "X-Forwarded-Proto") or "http"
+    host = forwarded.get("host") or _first(upstream_headers, "X-Forwarded-Host") or upstream_headers.get("Host") or ""
     return origin(scheme, host)
-
-
-def _first_of(headers: CIMultiDict[str], name: str) -> str | None:
-    value = headers.get(name)
-    return value.split(",")[0].strip() if value else None
 
 
 def _connection_named(headers: CIMultiDictProxy[str]) -> set[str]:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import importlib.metadata
 import json
+import logging
 import re
 import shutil
 import socket
@@ -40,12 +41,14 @@ from support.protocol import (
 from support.registry import Registry
 from support.services import RedisFactory
 
-from proxy.cli import build_parser
+from proxy.cli import build_parser, main, settings_from
 from proxy.config import load_settings
 from proxy.manifests import ForeignLayer
 from proxy.store import Sighting, SqliteStore, open_store
+from proxy.store_transfer import FORMAT, VERSION, TransferError, parse_lines
 
-SUBCOMMANDS = ("serve", "learn", "digests", "forget")
+SUBCOMMANDS = ("serve", "learn", "digests", "forget", "config", "store")
+HEADER = json.dumps({"format": FORMAT, "version": VERSION})
 CONSOLE_SCRIPT = Path(sys.executable).with_name("foreign-layer-proxy")
 
 
@@ -414,9 +417,32 @@ def test_help_and_a_command_through_each_entry_point(command: list[str], store: 
 # --version, help, exit statuses -------------------------------------------------------------------------
 
 
-def test_version_names_the_installed_package() -> None:
-    shown = succeeded(cli("--version"))
-    assert shown.stdout.strip() == f"foreign-layer-proxy {importlib.metadata.version('foreign-layer-proxy')}"
+InProcess = Callable[..., tuple[int, str, str]]
+
+
+@pytest.fixture
+def in_process(capsys: pytest.CaptureFixture[str]) -> Iterator[InProcess]:
+    """`main()` called in this process, for commands whose output is all a test looks at (no interpreter to
+    start: a second each on a busy machine). Returns (exit status, stdout, stderr); logging is restored."""
+    root, access = logging.getLogger(), logging.getLogger("foreign_layer_proxy.access")
+    saved = (root.handlers[:], root.level, access.disabled)
+
+    def run_main(*args: str | Path) -> tuple[int, str, str]:
+        try:
+            status = main([str(arg) for arg in args])
+        except SystemExit as exit:
+            status = int(exit.code or 0)
+        captured = capsys.readouterr()
+        return status, captured.out, captured.err
+
+    yield run_main
+    root.handlers[:], access.disabled = saved[0], saved[2]
+    root.setLevel(saved[1])
+
+
+def test_version_names_the_installed_package(in_process: InProcess) -> None:
+    status, out, _ = in_process("--version")
+    assert (status, out.strip()) == (0, f"foreign-layer-proxy {importlib.metadata.version('foreign-layer-proxy')}")
 
 
 def every_parser(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
@@ -440,70 +466,75 @@ def test_every_flag_has_help_and_every_subcommand_an_example() -> None:
             assert parser.epilog and re.search(r"^example:\n  .*foreign-layer-proxy", parser.epilog), path
 
 
-def test_usage_errors_exit_2_and_runtime_failures_exit_1(tmp_path: Path) -> None:
-    unknown_flag = cli("digests", "--no-such-flag")
-    no_action = cli("config")
-    missing_store = cli("digests", "--store", f"sqlite:///{tmp_path}/missing.db")
-    assert (unknown_flag.returncode, no_action.returncode, missing_store.returncode) == (2, 2, 1)
+def test_usage_errors_exit_2_and_runtime_failures_exit_1(tmp_path: Path, in_process: InProcess) -> None:
+    unknown_flag = in_process("digests", "--no-such-flag")
+    no_action = in_process("config")
+    bad_setting = in_process("digests", "--store", "ftp://nowhere")
+    missing_store = in_process("digests", "--store", f"sqlite://{tmp_path}/missing.db")
+    assert [result[0] for result in (unknown_flag, no_action, bad_setting, missing_store)] == [2, 2, 2, 1]
 
 
 # Read-only commands never create a store ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "command", [["digests"], ["digests", "--stats"], ["forget", f"sha256:{'a' * 64}"], ["store", "export"],
-                ["store", "backup", "BACKUP"]],
-    ids=["digests", "digests-stats", "forget", "store-export", "store-backup"],
-)  # fmt: skip
-def test_read_only_commands_on_a_mistyped_store_create_nothing(tmp_path: Path, command: list[str]) -> None:
+READ_ONLY_COMMANDS = {
+    "digests": ["digests"], "digests-stats": ["digests", "--stats"], "forget": ["forget", f"sha256:{'a' * 64}"],
+    "store-export": ["store", "export"], "store-backup": ["store", "backup", "BACKUP"],
+}  # fmt: skip
+
+
+def test_read_only_commands_on_a_mistyped_store_create_nothing(
+    tmp_path: Path, in_process: InProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     mistyped = tmp_path / "sate" / "foreign-layers.db"
-    args = [str(tmp_path / "backup.db") if word == "BACKUP" else word for word in command]
-    for how in (["--store", f"sqlite://{mistyped}"], []):
-        # Without --store: the default, in an empty state folder.
-        result = cli(*args, *how, env={"XDG_STATE_HOME": str(tmp_path / "state")})
-        assert result.returncode == 1, describe(result)
-        assert len(result.stderr.splitlines()) == 1 and "no store at" in result.stderr, describe(result)
+    for name, command in READ_ONLY_COMMANDS.items():
+        args = [str(tmp_path / "backup.db") if word == "BACKUP" else word for word in command]
+        for how in (["--store", f"sqlite://{mistyped}"], []):  # without --store: the default, in an empty folder
+            status, _, err = in_process(*args, *how)
+            assert status == 1 and len(err.splitlines()) == 1 and "no store at" in err, (name, how, err)
     assert sorted(path.name for path in tmp_path.iterdir()) == []
 
 
-def test_serve_learn_digests_and_forget_share_one_state_folder_by_default(tmp_path: Path) -> None:
-    env = {"XDG_STATE_HOME": str(tmp_path / "state")}
+def test_serve_learn_digests_and_forget_share_one_state_folder_by_default(
+    tmp_path: Path, in_process: InProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     source, layers = dir_source(tmp_path)
-    learned = learned_rows(cli("learn", source, env=env), source)
-    listed = succeeded(cli("digests", env=env)).stdout
-    shown = yaml.safe_load(succeeded(cli("config", "show", env=env)).stdout)
+    learned = in_process("learn", source)
+    listed = in_process("digests")
+    shown = yaml.safe_load(in_process("config", "show")[1])
+    serve_default = build_parser().parse_args(["serve"])
 
-    assert learned == expected_rows("new", layers)
-    assert all(layer.digest in listed for layer in layers)
+    assert learned[0] == listed[0] == 0
+    assert sorted(line.split()[1] for line in learned[1].splitlines()) == sorted(layer.digest for layer in layers)
+    assert all(layer.digest in listed[1] for layer in layers)
     assert shown["store"]["url"] == f"sqlite://{tmp_path}/state/foreign-layer-proxy/foreign-layers.db"
+    assert settings_from(serve_default).store.url == shown["store"]["url"]
     assert (tmp_path / "state/foreign-layer-proxy/foreign-layers.db").is_file()
-    assert succeeded(cli("forget", layers[0].digest, env=env)).stdout.split() == ["forgotten", layers[0].digest]
+    assert in_process("forget", layers[0].digest)[1].split() == ["forgotten", layers[0].digest]
 
 
-# config check, show, example -----------------------------------------------------------------------------
+# config check, show (config example: test_deployment) ------------------------------------------------------
 
 
-def test_config_example_prints_the_reference_and_it_loads(tmp_path: Path) -> None:
-    printed = succeeded(cli("config", "example")).stdout
-    config = tmp_path / "gateway.yaml"
-    config.write_text(printed)
-    assert printed == (Path(__file__).parent.parent / "proxy/foreign-layer-proxy.yaml").read_text()
-    assert succeeded(cli("config", "show", "--config", config)).stdout
-
-
-def test_config_show_prints_the_effective_settings_with_secrets_redacted(tmp_path: Path) -> None:
+def test_config_show_prints_the_effective_settings_with_secrets_redacted(
+    tmp_path: Path, in_process: InProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
     config = tmp_path / "gateway.yaml"
     config.write_text(yaml.safe_dump({
         "upstream": {"url": "http://registry:5000"},
         "policy": {"rules": [{"repository": "ci/**", "action": "reject"}]},
         "cleanup": {"username": "bob", "password": "hunter2"},
     }))  # fmt: skip
-    env = {"FOREIGN_LAYER_PROXY_POLICY_DEFAULT": "audit", "FOREIGN_LAYER_PROXY_CLEANUP_BEARER_TOKEN": "t0ken"}
-    result = succeeded(cli("config", "show", "--config", config, "--store", "redis://:s3cret@redis:6379/0", env=env))
+    monkeypatch.setenv("FOREIGN_LAYER_PROXY_POLICY_DEFAULT", "audit")
+    monkeypatch.setenv("FOREIGN_LAYER_PROXY_CLEANUP_BEARER_TOKEN", "t0ken")
+    status, out, _ = in_process("config", "show", "--config", config, "--store", "redis://:s3cret@redis:6379/0")
 
-    shown = yaml.safe_load(result.stdout)
+    assert status == 0
+    shown = yaml.safe_load(out)
     for secret in ("hunter2", "t0ken", "s3cret"):
-        assert secret not in result.stdout
+        assert secret not in out
     assert shown["policy"]["default"] == "audit" and shown["policy"]["rules"] == [{"repository": "ci/**", "action": "reject"}]
     assert (shown["cleanup"]["username"], shown["cleanup"]["password"], shown["cleanup"]["bearer_token"]) == (
         "bob", "REDACTED", "REDACTED"
@@ -597,18 +628,23 @@ async def test_store_export_and_import_move_a_sqlite_store_to_redis_with_its_his
     assert [stats.outcomes for stats in await target.repository_stats()] == [{"dropped": 1}]
     await source.close()
     await target.close()
-    # A gateway on Redis enforces what was moved.
-    moved = gateway_factory(registry, store=redis.url(), args=["--action", "reject"])
-    assert (await push_single_put(http, moved.url, "win/other", image.foreign_layers[1].data)).status == 403
-
-    garbage = tmp_path / "garbage.jsonl"
-    garbage.write_text(exported.splitlines()[0] + "\n{\"kind\": \"layer\"}\n")
-    refused = await asyncio.to_thread(cli, "store", "import", "--store", redis.url(), garbage)
-    assert refused.returncode == 1 and "line 2" in refused.stderr and len(refused.stderr.splitlines()) == 1, describe(refused)
 
 
-async def test_store_tls_settings_reach_a_redis_that_checks_client_certificates(
-    redis_factory: RedisFactory, tmp_path: Path
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [("", "no export"), ('{"kind": "layer"}\n', "line 1: expected the header"),
+     (f'{HEADER}\n{{"kind": "layer"}}\n', "line 2:"), (f'{HEADER}\n\n{{"kind": "tag"}}\n', "line 3: unknown kind"),
+     (f'{HEADER}\nnot json\n', "line 2:")],
+    ids=["empty", "no-header", "layer-without-fields", "unknown-kind", "not-json"],
+)  # fmt: skip
+def test_an_import_that_is_no_export_is_refused_naming_the_line(text: str, named: str) -> None:
+    with pytest.raises(TransferError, match=named) as refused:
+        parse_lines(text.splitlines())
+    assert "\n" not in str(refused.value)
+
+
+def test_store_tls_settings_reach_a_redis_that_checks_client_certificates(
+    redis_factory: RedisFactory, tmp_path: Path, in_process: InProcess
 ) -> None:
     """rediss:// with a private CA and a client certificate, from store.tls_* in a config file: what
     the system trust store and the URL alone cannot express."""
@@ -630,12 +666,14 @@ async def test_store_tls_settings_reach_a_redis_that_checks_client_certificates(
     }}))  # fmt: skip
     source, layers = dir_source(tmp_path)
 
-    refused = await asyncio.to_thread(cli, "learn", "--config", without_client_cert, source)
-    learned = await asyncio.to_thread(cli, "learn", "--config", with_client_cert, source)
-    checked = await asyncio.to_thread(cli, "config", "check", "--config", with_client_cert, "--upstream", "http://127.0.0.1:9")
+    refused = in_process("learn", "--config", without_client_cert, source)
+    learned = in_process("learn", "--config", with_client_cert, source)
+    checked = in_process("config", "check", "--config", with_client_cert, "--upstream", "http://127.0.0.1:9")
 
-    assert refused.returncode == 1 and f"rediss://{redis.host_port}/0" in refused.stderr, describe(refused)
-    assert learned_rows(learned, source) == expected_rows("new", layers)
-    assert "ok: store TLS: files load" in checked.stdout and f"ok: store rediss://{redis.host_port}/0 answers (2" in (
-        checked.stdout
-    ), describe(checked)
+    assert refused[0] == 1 and f"rediss://{redis.host_port}/0" in refused[2], refused
+    assert learned[0] == 0 and sorted(line.split()[1] for line in learned[1].splitlines()) == sorted(
+        layer.digest for layer in layers
+    ), learned
+    assert "ok: store TLS: files load" in checked[1] and f"ok: store rediss://{redis.host_port}/0 answers (2" in (
+        checked[1]
+    ), checked
