@@ -35,6 +35,7 @@ from proxy.config import (
     Address,
     ConfigError,
     Settings,
+    configuration_problems,
     default_store_url,
     load_settings,
     state_dir,
@@ -211,7 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    overrides = {"store.url": getattr(args, "store", None), "upstream.url": getattr(args, "upstream", None)}
+    return load_settings(getattr(args, "config", None), overrides_from(args))
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, object]:
+    """The flags' values, keyed by the settings they set."""
+    overrides: dict[str, object] = {"store.url": getattr(args, "store", None), "upstream.url": getattr(args, "upstream", None)}
     if args.command == "serve":
         overrides |= {
             "server.listen": args.listen,
@@ -224,7 +230,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
             "log.format": args.log_format,
             "log.level": args.log_level,
         }
-    return load_settings(getattr(args, "config", None), overrides)
+    return overrides
 
 
 class ServeError(Exception):
@@ -332,6 +338,7 @@ def run_config_command(args: argparse.Namespace) -> int:
         return 0
     return asyncio.run(check(
         lambda: settings_from(args),
+        lambda: configuration_problems(getattr(args, "config", None), overrides_from(args)),
         lambda line: print(f"ok: {line}"),
         lambda line: print(f"{PROGRAM}: config: {line}", file=sys.stderr),
     ))  # fmt: skip

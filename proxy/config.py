@@ -347,12 +347,9 @@ def _build_section(section: str, values: Mapping[str, object]) -> Any:
     return cls(**parsed)
 
 
-def load_settings(
-    config_file: Path | None = None,
-    overrides: Mapping[str, object] | None = None,
-    environ: Mapping[str, str] | None = None,
-) -> Settings:
-    """Merge every source; `overrides` are command-line values keyed "section.key" (None means not given)."""
+def _merged(
+    config_file: Path | None, overrides: Mapping[str, object] | None, environ: Mapping[str, str] | None
+) -> RawSettings:
     layers = [
         _read_file(config_file) if config_file else {},
         _read_environment(os.environ if environ is None else environ),
@@ -365,12 +362,48 @@ def load_settings(
         if value is not None:
             section, key = dotted.split(".")
             merged.setdefault(section, {})[key] = value
+    return merged
+
+
+def load_settings(
+    config_file: Path | None = None,
+    overrides: Mapping[str, object] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Merge every source; `overrides` are command-line values keyed "section.key" (None means not given)."""
+    merged = _merged(config_file, overrides, environ)
     settings = Settings(**{section: _build_section(section, merged.get(section, {})) for section in SECTIONS})
     if (settings.server.tls_cert is None) != (settings.server.tls_key is None):
         raise ConfigError("server.tls_cert and server.tls_key must be given together")
     if settings.store.tls_key_file is not None and settings.store.tls_cert_file is None:
         raise ConfigError("store.tls_key_file needs store.tls_cert_file")
     return settings
+
+
+def configuration_problems(
+    config_file: Path | None = None,
+    overrides: Mapping[str, object] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> list[str]:
+    """Every bad value load_settings would stop at, one line each (load_settings reports only the first)."""
+    try:
+        merged = _merged(config_file, overrides, environ)
+    except ConfigError as error:
+        return [str(error)]
+    problems = []
+    for section, values in merged.items():
+        for setting in fields(SECTIONS[section]):
+            if setting.name in values:
+                try:
+                    setting.metadata["parse"](values[setting.name])
+                except (ValueError, TypeError) as exc:
+                    problems.append(f"{section}.{setting.name}: {exc}")
+    if not problems:
+        try:
+            load_settings(config_file, overrides, environ)
+        except ConfigError as error:
+            problems.append(str(error))
+    return problems
 
 
 def require_upstream(settings: Settings) -> URL:

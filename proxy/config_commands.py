@@ -71,13 +71,16 @@ def show(settings: Settings) -> str:
 # config check
 
 
-async def check(load: Callable[[], Settings], report_ok: Report, report_problem: Report) -> int:
-    """Each check one line; 1 if any failed. A config that does not load is the only check then."""
-    try:
-        settings = load()
-    except ConfigError as error:
-        report_problem(str(error))
+async def check(
+    load: Callable[[], Settings], problems_of: Callable[[], list[str]], report_ok: Report, report_problem: Report
+) -> int:
+    """Each check one line; 1 if any failed. A config that does not load: a line per bad value, and no more."""
+    parse_problems = problems_of()
+    for problem in parse_problems:
+        report_problem(problem)
+    if parse_problems:
         return 1
+    settings = load()
     report_ok("configuration parses")
     problems = 0
     for name, run in (

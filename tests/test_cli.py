@@ -580,6 +580,14 @@ async def test_config_check_passes_a_good_config_and_names_each_problem_of_a_bad
     assert (typo.returncode, len(typo.stderr.splitlines())) == (1, 1), describe(typo)
     assert "polcy" in typo.stderr
 
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"server": {"listen": "nowhere", "idle_timeout": -1}, "policy": {"default": "maybe"}}))
+    bad_values = await asyncio.to_thread(cli, "config", "check", "--config", values, "--upstream", registry.url)
+    named = sorted(line.split(": ")[2] for line in bad_values.stderr.splitlines())
+    assert (bad_values.returncode, named) == (1, ["policy.default", "server.idle_timeout", "server.listen"]), (
+        describe(bad_values)
+    )
+
 
 # store backup, export, import ------------------------------------------------------------------------------
 
