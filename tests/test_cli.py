@@ -344,6 +344,12 @@ def tls_key_of_another_certificate(tmp_path: Path, busy: int) -> tuple[list[str]
     ]
 
 
+def upstream_ca_not_pem(tmp_path: Path, busy: int) -> tuple[list[str], dict[str, str], list[str]]:
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("not a certificate\n")
+    return ["--upstream", "https://127.0.0.1:5001", "--upstream-ca", str(bundle)], {}, [str(bundle), "not a PEM CA bundle"]
+
+
 SERVE_ERRORS: dict[str, ServeCase] = {
     "unknown-key-in-config-file": unknown_key_in_file,
     "bad-upstream-url": bad_upstream_url,
@@ -351,6 +357,7 @@ SERVE_ERRORS: dict[str, ServeCase] = {
     "tls-key-not-pem": tls_key_not_pem,
     "tls-cert-not-pem": tls_cert_not_pem,
     "tls-key-of-another-certificate": tls_key_of_another_certificate,
+    "upstream-ca-not-pem": upstream_ca_not_pem,
     "listen-port-in-use": listen_port_in_use,
     "missing-upstream": missing_upstream,
     "unknown-environment-variable": unknown_environment_variable,
