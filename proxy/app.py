@@ -30,6 +30,7 @@ from proxy.manifests import ForeignLayer, digest_lines, is_digest
 from proxy.metrics import Metrics, route_label
 from proxy.routes import match_route
 from proxy.store import ForeignStore, StoreError, open_store
+from proxy.watchdog import LoopWatchdog
 
 logger = logging.getLogger("foreign_layer_proxy.access")
 
@@ -83,6 +84,7 @@ class RequestIds:
 
 
 IN_FLIGHT = web.AppKey("in_flight", InFlight)
+WATCHDOG = web.AppKey("watchdog", LoopWatchdog)
 REQUEST_IDS = web.AppKey("request_ids", RequestIds)
 METRICS = web.AppKey("metrics", Metrics)
 METRIC_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -168,6 +170,16 @@ async def exchange(
     return response
 
 
+async def watchdog_context(app: web.Application) -> AsyncIterator[None]:
+    watchdog = app[WATCHDOG] = LoopWatchdog()
+    app[METRICS].track_loop_lag(watchdog.lag, watchdog.clock)
+    task = asyncio.create_task(watchdog.run())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 async def store_context(app: web.Application) -> AsyncIterator[None]:
     try:
         store = open_store(app[SETTINGS].store.url)
@@ -227,7 +239,7 @@ def create_app(settings: Settings) -> web.Application:
     app[IN_FLIGHT] = InFlight()
     app[REQUEST_IDS] = RequestIds()
     app[METRICS] = Metrics()
-    app.cleanup_ctx.extend([store_context, known_context, upstream_context])
+    app.cleanup_ctx.extend([watchdog_context, store_context, known_context, upstream_context])
     app.router.add_route("*", "/{tail:.*}", dispatch, expect_handler=no_automatic_continue)
     return app
 

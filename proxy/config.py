@@ -188,6 +188,7 @@ class ServerSettings:
     tls_key: Path | None = field(default=None, metadata=parsed_by(parse_optional_file))
     shutdown_timeout: float = field(default=30.0, metadata=parsed_by(parse_positive_float))
     idle_timeout: float = field(default=75.0, metadata=parsed_by(parse_positive_float))
+    max_loop_lag: float = field(default=10.0, metadata=parsed_by(parse_positive_float))
 
 
 @dataclass(frozen=True, slots=True)

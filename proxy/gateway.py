@@ -29,6 +29,7 @@ from proxy.forwarding import (
     client_body,
     read_capped,
     relay_body,
+    request_body,
 )
 from proxy.headers import (
     Origins,
@@ -109,7 +110,7 @@ async def drain(request: web.Request, idle_timeout: float) -> None:
     """Read and discard a request body the client is already sending, so that it reads our answer."""
     if expects_continue(request):
         return
-    async for _ in client_body(request.content, idle_timeout):
+    async for _ in client_body(request_body(request), idle_timeout):
         pass
 
 
@@ -310,7 +311,7 @@ class Gateway:
         return Origins(upstream=self.upstream_origin, client=origin(scheme, host))
 
     def client_body(self, request: web.Request) -> AsyncIterator[bytes]:
-        return client_body(request.content, self.settings.server.idle_timeout)
+        return client_body(request_body(request), self.settings.server.idle_timeout)
 
     def upstream_headers(self, request: web.Request) -> CIMultiDict[str]:
         return upstream_request_headers(
@@ -333,7 +334,7 @@ class Gateway:
         await send_continue(request)
         try:
             async with asyncio.timeout(self.settings.server.idle_timeout):
-                body = await read_capped(request.content, MAX_MANIFEST_BYTES)
+                body = await read_capped(request_body(request), MAX_MANIFEST_BYTES)
         except TimeoutError:
             raise StreamAborted("client did not send its manifest in time") from None
         if body is None:
