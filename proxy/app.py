@@ -23,7 +23,14 @@ from proxy.forwarding import (
     Upstream,
     create_session,
 )
-from proxy.gateway import DECISION, REQUEST_ID, ROUTE, Gateway, no_automatic_continue
+from proxy.gateway import (
+    DECISION,
+    REQUEST_ID,
+    ROUTE,
+    Gateway,
+    no_automatic_continue,
+    settle_body,
+)
 from proxy.known import KnownForeign
 from proxy.logs import log_event, redacted_query
 from proxy.manifests import ForeignLayer, digest_lines, is_digest
@@ -132,6 +139,8 @@ async def exchange(
         log_event(logger, logging.WARNING, "gateway_error", code=error.kind.code, message=str(error),
                   request_id=request[REQUEST_ID])
         response = error_response(error)
+        if not await settle_body(request, request.app[SETTINGS].server.idle_timeout):
+            response.force_close()
     except StreamAborted as aborted:
         status = 499
         metrics.upstream_errors.labels("stream_aborted").inc()
