@@ -314,7 +314,7 @@ class Gateway:
         try:
             headers = without_body_headers(self.upstream_headers(request))
             async with self.upstream.open("DELETE", session_target, headers) as response:
-                await response.read()
+                await read_capped(response.content, MAX_MANIFEST_BYTES)
                 status = response.status
         except GatewayError as error:
             status = error.kind.status
@@ -499,11 +499,16 @@ class Gateway:
                 upstream.headers, self.origins(request), None if body is None else len(body)
             ),
         )
-        await response.prepare(request)
-        if request.method != "HEAD":
-            if body is None:
-                await relay_body(upstream, response)
-            else:
-                await response.write(body)
-        await response.write_eof()
+        try:
+            await response.prepare(request)
+            if request.method != "HEAD":
+                if body is None:
+                    await relay_body(upstream, response)
+                else:
+                    await response.write(body)
+            await response.write_eof()
+        except ConnectionError as error:
+            # The client left (aiohttp raises ClientConnectionResetError for a write to its closing transport):
+            # not the upstream's failure, which Upstream.open would make of any aiohttp error raised here.
+            raise StreamAborted("client closed the connection") from error
         return response
