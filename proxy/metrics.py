@@ -22,6 +22,7 @@ from prometheus_client import (
 )
 
 from proxy.routes import RouteKind
+from proxy.watchdog import LoopLag
 
 PREFIX = "foreign_layer_proxy"
 DISTRIBUTION = "foreign-layer-proxy"
@@ -134,6 +135,17 @@ class Metrics:
 
     def track_known(self, count: Callable[[], int]) -> None:
         self.known_foreign.set_function(lambda: float(count()))
+
+    def track_loop_lag(self, lag: LoopLag, clock: Callable[[], float]) -> None:
+        """Read when scraped, so that a stall the loop just came out of shows even before its next tick."""
+        Gauge(
+            f"{PREFIX}_event_loop_lag_seconds", "How late the event loop runs now (its last tick, or the stall going on).",
+            registry=self.registry,
+        ).set_function(lambda: lag.current(clock()))  # fmt: skip
+        Gauge(
+            f"{PREFIX}_event_loop_lag_max_seconds", "The largest event-loop lag since the process started.",
+            registry=self.registry,
+        ).set_function(lambda: lag.largest(clock()))  # fmt: skip
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
