@@ -18,6 +18,7 @@ from yarl import URL
 
 from proxy.manifests import FOREIGN_MEDIA_TYPES
 from proxy.policy import Action, Policy, Rule
+from proxy.trust import LearningScope, Teaches, TrustedUrls
 
 ENV_PREFIX = "FOREIGN_LAYER_PROXY_"
 USERINFO = re.compile(r"(//)[^/@]*@")
@@ -126,6 +127,34 @@ def parse_action(value: object) -> Action:
         raise ValueError(f"expected one of {', '.join(a.value for a in Action)}, got {value!r}") from None
 
 
+def parse_choice(choices: type[LearningScope | Teaches]) -> Callable[[object], Any]:
+    def parse(value: object) -> Any:
+        try:
+            return choices(str(value).strip().lower())
+        except ValueError:
+            raise ValueError(f"expected one of {', '.join(choice.value for choice in choices)}, got {value!r}") from None
+
+    return parse
+
+
+parse_learning_scope = parse_choice(LearningScope)
+parse_teaches = parse_choice(Teaches)
+
+
+def parse_trusted_urls(value: object) -> TrustedUrls:
+    patterns = []
+    for pattern in parse_string_list(value):
+        try:
+            patterns.append(re.compile(pattern))
+        except re.error as error:
+            raise ValueError(f"not a regular expression: {pattern!r} ({error})") from None
+    return TrustedUrls(tuple(patterns))
+
+
+RULE_KEYS = {"repository", "action"}
+OPTIONAL_RULE_KEYS = {"teaches"}
+
+
 def parse_rules(value: object) -> tuple[Rule, ...]:
     if isinstance(value, str):
         try:
@@ -138,10 +167,17 @@ def parse_rules(value: object) -> tuple[Rule, ...]:
         raise TypeError("expected a list of {repository: GLOB, action: ACTION}")
     rules = []
     for index, item in enumerate(value):
-        if not isinstance(item, dict) or set(item) != {"repository", "action"} or not isinstance(item["repository"], str):
-            raise ValueError(f"rule {index + 1}: expected exactly the keys repository (a glob) and action")
+        if (
+            not isinstance(item, dict)
+            or not RULE_KEYS <= set(item) <= RULE_KEYS | OPTIONAL_RULE_KEYS
+            or not isinstance(item["repository"], str)
+        ):
+            raise ValueError(
+                f"rule {index + 1}: expected the keys repository (a glob) and action, and optionally teaches"
+            )
         try:
-            rules.append(Rule(item["repository"], parse_action(item["action"])))
+            teaches = parse_teaches(item["teaches"]) if "teaches" in item else None
+            rules.append(Rule(item["repository"], parse_action(item["action"]), teaches))
         except ValueError as exc:
             raise ValueError(f"rule {index + 1}: {exc}") from None
     return tuple(rules)
@@ -217,6 +253,10 @@ class ForeignSettings:
     media_types: tuple[str, ...] = field(default=(), metadata=parsed_by(parse_string_list))
     urls_mark_foreign: bool = field(default=False, metadata=parsed_by(parse_bool))
     digest_files: tuple[Path, ...] = field(default=(), metadata=parsed_by(parse_digest_files))
+    learning_scope: LearningScope = field(default=LearningScope.GLOBAL, metadata=parsed_by(parse_learning_scope))
+    trusted_urls: TrustedUrls = field(default_factory=TrustedUrls, metadata=parsed_by(parse_trusted_urls))
+    max_learned_per_manifest: int = field(default=64, metadata=parsed_by(parse_positive_int))
+    max_learned_per_repository_hour: int = field(default=1000, metadata=parsed_by(parse_positive_int))
 
     @property
     def all_media_types(self) -> frozenset[str]:
@@ -359,6 +399,11 @@ def load_settings(
     if (settings.server.tls_cert is None) != (settings.server.tls_key is None):
         raise ConfigError("server.tls_cert and server.tls_key must be given together")
     return settings
+
+
+def policy_of(settings: Settings) -> Policy:
+    """The policy the gateway decides with: the rules, and where what repositories teach applies."""
+    return Policy(settings.policy.default, settings.policy.rules, settings.foreign.learning_scope)
 
 
 def require_upstream(settings: Settings) -> URL:
