@@ -125,13 +125,17 @@ redis.call('SET', KEYS[2], last[2])
 return excess
 """
 
-# KEYS: layers. ARGV: cursor, count. One slice of HSCAN as one string of `digest TAB value` lines: a
-# million entries are then parsed as a few hundred replies, not two million.
+# KEYS: layers. ARGV: cursor, count. One slice of HSCAN as two strings, the digests one per line and
+# the values joined into the body of a JSON array: a million entries are then parsed as a few hundred
+# replies and JSON documents, not two million of each.
 SNAPSHOT_SLICE_SCRIPT = """
 local reply = redis.call('HSCAN', KEYS[1], ARGV[1], 'COUNT', ARGV[2])
-local items, lines = reply[2], {}
-for i = 1, #items, 2 do lines[#lines + 1] = items[i] .. '\\t' .. items[i + 1] end
-return {reply[1], table.concat(lines, '\\n')}
+local items, digests, values = reply[2], {}, {}
+for i = 1, #items, 2 do
+    digests[#digests + 1] = items[i]
+    values[#values + 1] = items[i + 1]
+end
+return {reply[1], table.concat(digests, '\\n'), table.concat(values, ',')}
 """
 
 # KEYS: upload keys. Deleting is claiming: of replicas claiming one upload at once, one gets it.
@@ -397,10 +401,11 @@ class RedisStore:
         with self._backend_errors():
             generation = int(cast(str | None, await self._client.get(GENERATION)) or 0)
             while True:
-                cursor, text = await self._snapshot_slice(keys=[LAYERS], args=[cursor, KNOWN_SLICE])
-                lines = [line.partition("\t") for line in text.split("\n")] if text else []
-                values = json.loads("[" + ",".join(value for _, _, value in lines) + "]")
-                for (digest, _, _), (media_type, size, urls, diff_id, *scoped) in zip(lines, values, strict=True):
+                cursor, digests, values = await self._snapshot_slice(keys=[LAYERS], args=[cursor, KNOWN_SLICE])
+                decoded = json.loads(f"[{values}]")
+                for digest, (media_type, size, urls, diff_id, *scoped) in zip(
+                    digests.split("\n") if digests else (), decoded, strict=True
+                ):
                     # One string per media type, not one per layer: a million layers share a handful.
                     media_type = media_types.setdefault(media_type, media_type)
                     layers[digest] = ForeignLayer(digest, media_type, size, tuple(urls) if urls else (), diff_id)
