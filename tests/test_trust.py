@@ -13,7 +13,7 @@ import sqlite3
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -315,6 +315,30 @@ async def test_a_process_follows_changes_and_reloads_when_the_history_is_gone(tm
     await known.store.close()
 
 
+async def test_a_version_3_file_gains_teachings_from_its_first_sightings(tmp_path: Path) -> None:
+    path = tmp_path / "foreign-layers.db"
+    old = SqliteStore(path)
+    await old.learn([layer(1)], Sighting("manifest-put", "team/app", digest(100)))
+    await old.close()
+    with sqlite3.connect(path) as connection:
+        connection.executescript(
+            "ALTER TABLE foreign_layers DROP COLUMN teachings; ALTER TABLE foreign_layers DROP COLUMN reach;"
+            "DROP TABLE changes; DELETE FROM meta WHERE key = 'history_from'; PRAGMA user_version = 3;"
+        )
+    connection.close()
+
+    upgraded = SqliteStore(path)
+    [record] = await upgraded.records()
+    assert [(t.repository, t.manifest_digest, t.scope) for t in record.teachings] == [
+        ("team/app", digest(100), EVERYWHERE)
+    ]
+    since = await upgraded.generation()
+    await upgraded.learn([layer(2)], Sighting("learn"))
+    assert (await upgraded.changes(since)).changed == {digest(2): (layer(2), None)}  # type: ignore[union-attr]
+    assert (await upgraded.untaught("team/app")).forgotten == [digest(1)]
+    await upgraded.close()
+
+
 # One new digest against a million known: what following the store costs each process
 
 
@@ -467,9 +491,22 @@ def shared_store(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'shared.db'}"
 
 
+@pytest.fixture(params=["sqlite", "redis"])
+def either_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The gateway's store and the CLI's: a SQLite file, or the session's Redis (flushed before and after)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'shared.db'}"
+        return
+    server: RedisServer = request.getfixturevalue("redis_server")
+    server.flush()
+    yield server.url()
+    server.flush()
+
+
 async def test_with_namespace_scope_a_tenant_cannot_poison_another_tenants_pushes(
-    gateway_factory: GatewayFactory, registry: Registry, http: aiohttp.ClientSession, shared_store: str
+    gateway_factory: GatewayFactory, registry: Registry, http: aiohttp.ClientSession, either_store: str
 ) -> None:
+    shared_store = either_store
     victim, attack = poisoned(130)
     target = victim.layers[0]
     gateway = gateway_factory(registry, store=shared_store, config={"foreign": {"learning_scope": "namespace"}})
@@ -499,8 +536,9 @@ async def test_with_namespace_scope_a_tenant_cannot_poison_another_tenants_pushe
 
 
 async def test_with_the_default_scope_digests_shows_the_teacher_and_forget_taught_by_undoes_it(
-    gateway_factory: GatewayFactory, registry: Registry, http: aiohttp.ClientSession, shared_store: str
+    gateway_factory: GatewayFactory, registry: Registry, http: aiohttp.ClientSession, either_store: str
 ) -> None:
+    shared_store = either_store
     victim, attack = poisoned(131)
     target = victim.layers[0]
     gateway = gateway_factory(registry, store=shared_store)
