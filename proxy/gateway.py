@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 
 from aiohttp import ClientResponse, HttpVersion11, web
@@ -484,9 +484,8 @@ class Gateway:
         self.learn_layers(review.foreign, source, review.repository, manifest_digest)
 
     def learn_layers(
-        self, layers: tuple[ForeignLayer, ...] | list[ForeignLayer], source: str, repository: str,
-        manifest_digest: str | None,
-    ) -> None:  # fmt: skip
+        self, layers: Sequence[ForeignLayer], source: str, repository: str, manifest_digest: str | None
+    ) -> None:
         """What a manifest (or an inspected upload) of `repository` teaches: in the scope its rule and
         foreign.learning_scope give it, as candidates where the urls are not trusted, within the caps."""
         scope = self.policy.teaching_scope(repository)

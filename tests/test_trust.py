@@ -33,6 +33,7 @@ from support.protocol import (
 from support.registry import Registry
 from support.services import RedisServer
 
+from proxy.config import ConfigError, load_settings, policy_of
 from proxy.known import KnownForeign
 from proxy.manifests import ForeignLayer
 from proxy.policy import Action, Decision, Policy, Rule
@@ -174,6 +175,41 @@ def test_trusted_urls_must_all_match(urls: tuple[str, ...], trusted: bool) -> No
     microsoft = TrustedUrls((re.compile(r"^https://mcr\.microsoft\.com/"), re.compile(r"^https://go\.microsoft\.com/")))
     assert microsoft.trust(urls) is trusted
     assert TrustedUrls().trust(urls)  # the default: any http(s) URL
+
+
+def test_the_trust_settings_are_parsed_once_from_the_config(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "foreign:\n  learning_scope: Namespace\n  trusted_urls: ['^https://mcr\\.microsoft\\.com/']\n"
+        "  max_learned_per_manifest: 8\n"
+        "policy:\n  rules:\n    - {repository: 'mirror/**', action: allow, teaches: everywhere}\n"
+        "    - {repository: 'ci/**', action: reject}\n"
+    )
+    settings = load_settings(config, environ={"FOREIGN_LAYER_PROXY_FOREIGN_MAX_LEARNED_PER_REPOSITORY_HOUR": "99"})
+
+    assert settings.foreign.learning_scope is LearningScope.NAMESPACE
+    assert [pattern.pattern for pattern in settings.foreign.trusted_urls.patterns] == [r"^https://mcr\.microsoft\.com/"]
+    assert (settings.foreign.max_learned_per_manifest, settings.foreign.max_learned_per_repository_hour) == (8, 99)
+    assert [rule.teaches for rule in settings.policy.rules] == [Teaches.EVERYWHERE, None]
+    assert policy_of(settings).teaching_scope("mirror/windows") == EVERYWHERE
+    assert policy_of(settings).teaching_scope("ci/app") == "ci"
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("foreign:\n  learning_scope: tenant\n", "foreign.learning_scope"),
+        ("foreign:\n  trusted_urls: ['(unclosed']\n", "foreign.trusted_urls"),
+        ("foreign:\n  max_learned_per_manifest: 0\n", "foreign.max_learned_per_manifest"),
+        ("policy:\n  rules:\n    - {repository: a, action: drop, teaches: sometimes}\n", "policy.rules: rule 1"),
+    ],
+)
+def test_a_bad_trust_setting_is_a_one_line_config_error(tmp_path: Path, text: str, key: str) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(key)) as refused:
+        load_settings(config, environ={})
+    assert "\n" not in str(refused.value)
 
 
 def test_the_learning_budget_caps_each_manifest_and_each_repository_per_hour() -> None:
