@@ -599,8 +599,8 @@ class SqliteStore:
                 # One string per media type, not one per row: a million layers share a handful.
                 media_type = media_types.setdefault(media_type, media_type)
                 layers[digest] = ForeignLayer(digest, media_type, size, _urls(urls), diff_id)
-                if scoped is not None:
-                    reach[digest] = decode_reach(scoped)  # type: ignore[assignment]
+                if (scoped_reach := decode_reach(scoped)) is not None:
+                    reach[digest] = scoped_reach
             return KnownSnapshot(generation, layers, reach)
 
         return await self._read(select_layers)

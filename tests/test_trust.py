@@ -620,15 +620,19 @@ def metric(text: str, name: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
 
 
-async def test_a_flood_of_made_up_digests_stops_at_the_caps(
+async def test_a_flood_of_made_up_digests_stops_at_the_caps_and_a_repository_may_teach_nothing(
     gateway_factory: GatewayFactory, registry: Registry, http: aiohttp.ClientSession
 ) -> None:
-    gateway = gateway_factory(
-        registry, config={"foreign": {"max_learned_per_manifest": 20, "max_learned_per_repository_hour": 50}}
-    )
+    gateway = gateway_factory(registry, config={
+        "foreign": {"max_learned_per_manifest": 20, "max_learned_per_repository_hour": 50},
+        "policy": {"rules": [{"repository": "sandbox/**", "action": "drop", "teaches": "nowhere"}]},
+    })  # fmt: skip
     config = build_image(132).config
-    for repository in ("flood/evil", "flood/other"):
+    for repository in ("flood/evil", "flood/other", "sandbox/play"):
         assert (await push_single_put(http, gateway.url, repository, config)).status == 201
+    untaught = flood_manifest(config, 9000, 3)
+    assert (await put_manifest(http, gateway.url, "sandbox/play", "1", untaught,
+                               "application/vnd.docker.distribution.manifest.v2+json")).status == 201  # fmt: skip
     for index in range(6):
         manifest = flood_manifest(config, 1000 + index * 100, 100)
         answer = await put_manifest(http, gateway.url, "flood/evil", f"t{index}", manifest,
@@ -641,6 +645,7 @@ async def test_a_flood_of_made_up_digests_stops_at_the_caps(
     learned = await gateway.wait_for("learned", 53)
     assert sum(entry["repository"] == "flood/evil" for entry in learned) == 50
     assert sum(entry["repository"] == "flood/other" for entry in learned) == 3
+    assert len(learned) == 53  # nothing from sandbox/play, which teaches nowhere
     capped = gateway.events("learning_capped")
     assert [(entry["limit"], entry["learned"], entry["not_learned"]) for entry in capped] == [
         ("manifest", 20, 80), ("manifest", 20, 80), ("repository", 10, 90),
