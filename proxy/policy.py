@@ -80,6 +80,12 @@ class Rule:
         return self.repository
 
 
+def _scope(repository: str, rule: Rule | None) -> str:
+    if rule is not None and rule.teaches is Teaches.NAMESPACE:
+        return GLOB_SCOPE_PREFIX + rule.repository
+    return namespace_of(repository)
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     action: Action
@@ -110,10 +116,7 @@ class Policy:
     def scope_of(self, repository: str) -> str:
         """The namespace `repository` teaches in and reads from: the glob of its rule when that rule says
         `teaches: namespace`, else its first path segment."""
-        rule = self.rule_matching(repository)
-        if rule is not None and rule.teaches is Teaches.NAMESPACE:
-            return GLOB_SCOPE_PREFIX + rule.repository
-        return namespace_of(repository)
+        return _scope(repository, self.rule_matching(repository))
 
     def teaching_scope(self, repository: str) -> str | None:
         """Where what a manifest of `repository` teaches applies: EVERYWHERE, a namespace, or None (nowhere)."""
@@ -123,7 +126,7 @@ class Policy:
             teaches = Teaches.EVERYWHERE if self.learning_scope is LearningScope.GLOBAL else Teaches.NAMESPACE
         if teaches is Teaches.NOWHERE:
             return None
-        return EVERYWHERE if teaches is Teaches.EVERYWHERE else self.scope_of(repository)
+        return EVERYWHERE if teaches is Teaches.EVERYWHERE else _scope(repository, rule)
 
     def standing(self, repository: str, digest: str, reach: Mapping[str, Reach]) -> Standing | None:
         """How a known digest counts in `repository`; None: it was taught elsewhere only."""
@@ -149,17 +152,19 @@ class Policy:
             layer = known.get(digest)
             if layer is None and (match := known_diff_ids.get(digest)) is not None:
                 layer = ForeignLayer(digest, match.media_type, match.size, match.urls, digest)
-                standing = self.standing(repository, match.digest, reach)
+                scoped = reach.get(match.digest)
             elif layer is not None:
-                standing = self.standing(repository, digest, reach)
+                scoped = reach.get(digest)
             else:
                 continue
+            rule = self.rule_matching(repository)
+            standing = Standing.ENFORCED if scoped is None else scoped.standing(_scope(repository, rule))
             if standing is None:
                 continue
-            rule, action = self.rule_for(repository)
+            name, action = ("default", self.default) if rule is None else (rule.name, rule.action)
             if standing is Standing.CANDIDATE:
-                return Decision(Action.AUDIT, rule, repository, layer, candidate=True)
-            return Decision(action=action, rule=rule, repository=repository, layer=layer)
+                return Decision(Action.AUDIT, name, repository, layer, candidate=True)
+            return Decision(action=action, rule=name, repository=repository, layer=layer)
         return None
 
 

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import cast
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as redis
@@ -205,10 +205,13 @@ def _encode_layer(layer: ForeignLayer, reach: Reach | None) -> str:
 
 
 def _decode_entry(digest: str, text: str) -> KnownEntry:
-    # Four fields: written before teachings were recorded, so enforced everywhere.
     media_type, size, urls, diff_id, *scoped = json.loads(text)
-    reach = Reach(frozenset(scoped[0][0]), frozenset(scoped[0][1])) if scoped and scoped[0] is not None else None
-    return ForeignLayer(digest, media_type, size, tuple(urls) if urls else (), diff_id), reach
+    return ForeignLayer(digest, media_type, size, tuple(urls) if urls else (), diff_id), _reach(scoped)
+
+
+def _reach(scoped: list[Any]) -> Reach | None:
+    """The fifth field of a `layers` value; absent (written before teachings were recorded) or null: everywhere."""
+    return Reach(frozenset(scoped[0][0]), frozenset(scoped[0][1])) if scoped and scoped[0] is not None else None
 
 
 def _decode_layer(digest: str, text: str) -> ForeignLayer:
@@ -409,8 +412,8 @@ class RedisStore:
                     # One string per media type, not one per layer: a million layers share a handful.
                     media_type = media_types.setdefault(media_type, media_type)
                     layers[digest] = ForeignLayer(digest, media_type, size, tuple(urls) if urls else (), diff_id)
-                    if scoped and scoped[0] is not None:
-                        reach[digest] = Reach(frozenset(scoped[0][0]), frozenset(scoped[0][1]))
+                    if (scoped_reach := _reach(scoped)) is not None:
+                        reach[digest] = scoped_reach
                 if cursor == "0":
                     return KnownSnapshot(generation, layers, reach)
 

@@ -19,6 +19,8 @@ EVERYWHERE = "*"
 # A rule's glob as a scope, so that it cannot be mistaken for a first path segment (which has no ':').
 GLOB_SCOPE_PREFIX = "glob:"
 HOUR = 3600.0
+# Repositories whose hourly window the budget tracks before it drops the expired ones.
+TRACKED_REPOSITORIES = 100_000
 
 
 class LearningScope(StrEnum):
@@ -174,7 +176,7 @@ class LearningBudget:
         """How many of `wanted` new layers one manifest of `repository` may teach, and the limit that
         stopped the rest ("manifest" or "repository"), if any."""
         now = self.clock()
-        if len(self._windows) > 10 * self.per_repository_hour:
+        if len(self._windows) >= TRACKED_REPOSITORIES:
             self._windows = {name: window for name, window in self._windows.items() if now - window[0] < HOUR}
         started, used = self._windows.get(repository, (now, 0))
         if now - started >= HOUR:
