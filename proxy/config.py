@@ -142,6 +142,13 @@ parse_teaches = parse_choice(Teaches)
 
 
 def parse_trusted_urls(value: object) -> TrustedUrls:
+    """A list of regular expressions; in the environment comma-separated, or a YAML list (for
+    patterns with commas, like `{1,3}`)."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ValueError("invalid YAML") from None
     patterns = []
     for pattern in parse_string_list(value):
         try:

@@ -193,6 +193,8 @@ def test_the_trust_settings_are_parsed_once_from_the_config(tmp_path: Path) -> N
     assert [rule.teaches for rule in settings.policy.rules] == [Teaches.EVERYWHERE, None]
     assert policy_of(settings).teaching_scope("mirror/windows") == EVERYWHERE
     assert policy_of(settings).teaching_scope("ci/app") == "ci"
+    from_environment = load_settings(None, environ={"FOREIGN_LAYER_PROXY_FOREIGN_TRUSTED_URLS": "['^https://a{1,3}/']"})
+    assert from_environment.foreign.trusted_urls.trust(["https://aa/x"])
 
 
 @pytest.mark.parametrize(
