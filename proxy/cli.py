@@ -1,4 +1,4 @@
-"""Command line: serve, learn, digests, forget, config and store."""
+"""Command line: serve, learn, digests, forget, promote, config and store."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import os
 import signal
 import ssl
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, fields
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
@@ -57,15 +59,20 @@ from proxy.sources import (
 from proxy.store import (
     ForeignStore,
     RepositoryStats,
+    Sighting,
     SqliteStore,
     StoreError,
     open_store,
 )
 from proxy.store_transfer import TransferError, export_lines, parse_lines
+from proxy.trust import EVERYWHERE, Reach, Teaching
 
 logger = logging.getLogger("foreign_layer_proxy")
 PROGRAM = "foreign-layer-proxy"
 STATS_OUTCOMES = ("dropped", "rejected", "leaked", "audited")
+BLOCKED_OUTCOMES = ("dropped", "rejected")
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+PROMOTE_SOURCE = "promote"
 BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
@@ -142,14 +149,31 @@ def add_digests(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     digests.add_argument("--stats", action="store_true",
                          help="per repository: how often pushes were dropped, rejected, leaked or audited, "
                               "and the bytes kept out of the registry")
+    digests.add_argument("--candidates", action="store_true",
+                         help="only candidates: digests taught with urls that foreign.trusted_urls does not trust, "
+                              "audited until promoted")
     digests.add_argument("--json", action="store_true", help="one JSON object per digest (per repository with --stats)")
 
 
 def add_forget(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     forget = _command(commands, "forget", "remove digests from an existing store",
-                      "  foreign-layer-proxy forget sha256:3e7a09e2...", run_store_command)  # fmt: skip
+                      "  foreign-layer-proxy forget sha256:3e7a09e2...\n  foreign-layer-proxy forget --taught-by tenant-a/evil --since 2h",
+                      run_store_command)  # fmt: skip
     _store_options(forget)
-    forget.add_argument("digests", nargs="+", metavar="DIGEST", help="a digest to forget, e.g. sha256:...")
+    forget.add_argument("digests", nargs="*", metavar="DIGEST", help="a digest to forget, e.g. sha256:...")
+    forget.add_argument("--taught-by", metavar="REPOSITORY",
+                        help="remove what this repository (or operator source, e.g. learn) taught; a digest that "
+                             "others taught too stays, in their scopes")
+    forget.add_argument("--since", metavar="TIME",
+                        help="with --taught-by: only what was taught since TIME (ISO 8601, UTC unless it says, "
+                             "or a duration ago: 30m, 2h, 1d)")
+
+
+def add_promote(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    promote = _command(commands, "promote", "enforce candidates everywhere, as if an operator had learned them",
+                       "  foreign-layer-proxy promote sha256:3e7a09e2...", run_store_command)  # fmt: skip
+    _store_options(promote)
+    promote.add_argument("digests", nargs="+", metavar="DIGEST", help="a digest to promote, e.g. sha256:...")
 
 
 def add_config(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -193,7 +217,7 @@ def add_store(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
 
 # One function per subcommand: a new command is one function and one entry here.
-SUBCOMMANDS = (add_serve, add_learn, add_digests, add_forget, add_config, add_store)
+SUBCOMMANDS = (add_serve, add_learn, add_digests, add_forget, add_promote, add_config, add_store)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -447,17 +471,45 @@ class ScanProgress:
                           f"{self.failed} failed\n")
 
 
-async def list_digests(store: ForeignStore, as_json: bool) -> None:
+def describe_reach(reach: Reach | None) -> str:
+    """`everywhere`, or the namespaces where a digest is enforced, then `candidate:SCOPE` for those where
+    it is only audited."""
+    if reach is None:
+        return "everywhere"
+    names = {EVERYWHERE: "everywhere"}
+    return ",".join([*(names.get(scope, scope) for scope in sorted(reach.enforced)),
+                     *(f"candidate:{names.get(scope, scope)}" for scope in sorted(reach.candidate))])  # fmt: skip
+
+
+def describe_teachings(teachings: Sequence[Teaching]) -> str:
+    """Who taught a digest: `REPOSITORY (SOURCE, MANIFEST...)` or the operator source, e.g. `learn`."""
+    shown = []
+    for teaching in teachings:
+        if teaching.repository is None:
+            shown.append(teaching.source)
+            continue
+        manifest = f", {teaching.manifest_digest[:19]}" if teaching.manifest_digest else ""
+        shown.append(f"{teaching.repository} ({teaching.source}{manifest})")
+    return "; ".join(shown)
+
+
+async def list_digests(store: ForeignStore, as_json: bool, candidates_only: bool = False) -> None:
     records = await store.records()
+    if candidates_only:
+        records = [record for record in records if (reach := record.reach) is not None and reach.candidate]
     if as_json:
         for record in records:
-            print(json.dumps(asdict(record), default=str))
+            reach = record.reach
+            shown = asdict(record) | {
+                "reach": None if reach is None else {"enforced": sorted(reach.enforced), "candidate": sorted(reach.candidate)}
+            }
+            print(json.dumps(shown, default=str))
         return
-    print(f"{'DIGEST':<71} {'SIZE':>12} {'BLOCKED':>7}  MEDIA TYPE / FIRST SEEN IN")
+    print(f"{'DIGEST':<71} {'SIZE':>12} {'BLOCKED':>7}  {'REACH':<16}  MEDIA TYPE  TAUGHT BY")
     for record in records:
-        blocked = sum(record.outcomes.values())
-        seen_in = record.first_sighting.repository or record.first_sighting.source
-        print(f"{record.layer.digest:<71} {record.layer.size:>12} {blocked:>7}  {record.layer.media_type} / {seen_in}")
+        blocked = sum(record.outcomes.get(outcome, 0) for outcome in BLOCKED_OUTCOMES)
+        print(f"{record.layer.digest:<71} {record.layer.size:>12} {blocked:>7}  {describe_reach(record.reach):<16}  "
+              f"{record.layer.media_type}  {describe_teachings(record.teachings)}")  # fmt: skip
 
 
 async def list_repository_stats(store: ForeignStore, as_json: bool) -> None:
@@ -485,18 +537,63 @@ def human_bytes(nbytes: int) -> str:
     return f"{nbytes} B" if exponent == 0 else f"{nbytes / 1024**exponent:.1f} {BYTE_UNITS[exponent]}"
 
 
-async def forget(store: ForeignStore, digests: Sequence[str]) -> int:
+def checked_digests(digests: Sequence[str]) -> Sequence[str]:
     malformed = [digest for digest in digests if not is_digest(digest)]
     if malformed:
         raise ConfigError(f"not a digest: {malformed[0]!r}")
+    return digests
+
+
+def parse_since(text: str, now: float) -> float:
+    """A point in time: ISO 8601 (UTC unless it names a zone), or a duration ago (`90s`, `30m`, `2h`, `1d`)."""
+    unit = DURATION_UNITS.get(text[-1:])
+    if unit is not None and text[:-1].isdigit():
+        return now - int(text[:-1]) * unit
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"--since: expected ISO 8601 (2024-05-01T12:00:00) or a duration (30m, 2h, 1d), got {text!r}") from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+async def forget(store: ForeignStore, args: argparse.Namespace) -> int:
+    if args.taught_by is not None:
+        if args.digests:
+            raise ConfigError("forget takes DIGEST... or --taught-by REPOSITORY, not both")
+        since = parse_since(args.since, time.time()) if args.since else None
+        untaught = await store.untaught(args.taught_by, since)
+        for digest in untaught.forgotten:
+            print(f"{'forgotten':<9} {digest}")
+        for digest in untaught.narrowed:
+            print(f"{'narrowed':<9} {digest}")
+        if not untaught.forgotten and not untaught.narrowed:
+            print(f"nothing taught by {args.taught_by}", file=sys.stderr)
+            return 1
+        return 0
+    if args.since:
+        raise ConfigError("--since goes with --taught-by")
+    if not args.digests:
+        raise ConfigError("forget needs DIGEST... or --taught-by REPOSITORY")
+    digests = checked_digests(args.digests)
     removed = await store.forget(digests)
     for digest in digests:
         print(f"{'forgotten' if digest in removed else 'unknown':<9} {digest}")
     return 0 if len(removed) == len(set(digests)) else 1
 
 
+async def promote(store: ForeignStore, digests: Sequence[str]) -> int:
+    """Candidates (and digests taught in some namespaces only) become enforced everywhere, taught by the operator."""
+    wanted = set(checked_digests(digests))
+    layers = [record.layer for record in await store.records() if record.layer.digest in wanted]
+    await store.learn(layers, Sighting(PROMOTE_SOURCE))
+    promoted = {layer.digest for layer in layers}
+    for digest in digests:
+        print(f"{'promoted' if digest in promoted else 'unknown':<9} {digest}")
+    return 0 if promoted == wanted else 1
+
+
 # Commands that only read the store: a mistyped path must be an error, not a new empty store.
-READ_ONLY = frozenset({"digests", "forget", "backup", "export"})
+READ_ONLY = frozenset({"digests", "forget", "promote", "backup", "export"})
 
 
 def run_store_command(args: argparse.Namespace) -> int:
@@ -516,10 +613,14 @@ async def store_command(settings: Settings, args: argparse.Namespace) -> int:
     try:
         if name == "learn":
             await learn(settings, args, store)
+        elif name == "digests" and args.stats:
+            await list_repository_stats(store, args.json)
         elif name == "digests":
-            await (list_repository_stats if args.stats else list_digests)(store, args.json)
+            await list_digests(store, args.json, args.candidates)
         elif name == "forget":
-            return await forget(store, args.digests)
+            return await forget(store, args)
+        elif name == "promote":
+            return await promote(store, args.digests)
         elif name == "backup":
             await backup(store, args.path)
         elif name == "export":

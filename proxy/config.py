@@ -19,6 +19,7 @@ from yarl import URL
 from proxy.manifests import FOREIGN_MEDIA_TYPES
 from proxy.policy import Action, Policy, Rule
 from proxy.store import TlsFiles
+from proxy.trust import LearningScope, Teaches, TrustedUrls
 
 ENV_PREFIX = "FOREIGN_LAYER_PROXY_"
 USERINFO = re.compile(r"(//)[^/@]*@")
@@ -131,6 +132,39 @@ def parse_reject_status(value: object) -> int:
     if isinstance(value, bool) or str(value).strip() not in {"400", "403"}:
         raise ValueError(f"expected 403 (distribution's status for DENIED) or 400, got {value!r}")
     return int(str(value).strip())
+def parse_choice(choices: type[LearningScope | Teaches]) -> Callable[[object], Any]:
+    def parse(value: object) -> Any:
+        try:
+            return choices(str(value).strip().lower())
+        except ValueError:
+            raise ValueError(f"expected one of {', '.join(choice.value for choice in choices)}, got {value!r}") from None
+
+    return parse
+
+
+parse_learning_scope = parse_choice(LearningScope)
+parse_teaches = parse_choice(Teaches)
+
+
+def parse_trusted_urls(value: object) -> TrustedUrls:
+    """A list of regular expressions; in the environment comma-separated, or a YAML list (for
+    patterns with commas, like `{1,3}`)."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ValueError("invalid YAML") from None
+    patterns = []
+    for pattern in parse_string_list(value):
+        try:
+            patterns.append(re.compile(pattern))
+        except re.error as error:
+            raise ValueError(f"not a regular expression: {pattern!r} ({error})") from None
+    return TrustedUrls(tuple(patterns))
+
+
+RULE_KEYS = {"repository", "action"}
+OPTIONAL_RULE_KEYS = {"teaches"}
 
 
 def parse_rules(value: object) -> tuple[Rule, ...]:
@@ -145,10 +179,17 @@ def parse_rules(value: object) -> tuple[Rule, ...]:
         raise TypeError("expected a list of {repository: GLOB, action: ACTION}")
     rules = []
     for index, item in enumerate(value):
-        if not isinstance(item, dict) or set(item) != {"repository", "action"} or not isinstance(item["repository"], str):
-            raise ValueError(f"rule {index + 1}: expected exactly the keys repository (a glob) and action")
+        if (
+            not isinstance(item, dict)
+            or not RULE_KEYS <= set(item) <= RULE_KEYS | OPTIONAL_RULE_KEYS
+            or not isinstance(item["repository"], str)
+        ):
+            raise ValueError(
+                f"rule {index + 1}: expected the keys repository (a glob) and action, and optionally teaches"
+            )
         try:
-            rules.append(Rule(item["repository"], parse_action(item["action"])))
+            teaches = parse_teaches(item["teaches"]) if "teaches" in item else None
+            rules.append(Rule(item["repository"], parse_action(item["action"]), teaches))
         except ValueError as exc:
             raise ValueError(f"rule {index + 1}: {exc}") from None
     return tuple(rules)
@@ -226,6 +267,10 @@ class ForeignSettings:
     media_types: tuple[str, ...] = field(default=(), metadata=parsed_by(parse_string_list))
     urls_mark_foreign: bool = field(default=False, metadata=parsed_by(parse_bool))
     digest_files: tuple[Path, ...] = field(default=(), metadata=parsed_by(parse_digest_files))
+    learning_scope: LearningScope = field(default=LearningScope.GLOBAL, metadata=parsed_by(parse_learning_scope))
+    trusted_urls: TrustedUrls = field(default_factory=TrustedUrls, metadata=parsed_by(parse_trusted_urls))
+    max_learned_per_manifest: int = field(default=64, metadata=parsed_by(parse_positive_int))
+    max_learned_per_repository_hour: int = field(default=1000, metadata=parsed_by(parse_positive_int))
 
     @property
     def all_media_types(self) -> frozenset[str]:
@@ -412,6 +457,9 @@ def configuration_problems(
         except ConfigError as error:
             problems.append(str(error))
     return problems
+def policy_of(settings: Settings) -> Policy:
+    """The policy the gateway decides with: the rules, and where what repositories teach applies."""
+    return Policy(settings.policy.default, settings.policy.rules, settings.foreign.learning_scope)
 
 
 def require_upstream(settings: Settings) -> URL:

@@ -20,6 +20,7 @@ from proxy.errors import GatewayError
 from proxy.forwarding import Upstream, client_ssl_context, create_session
 from proxy.policy import Rule
 from proxy.store import SqliteStore, StoreError, open_store, without_password
+from proxy.trust import TrustedUrls
 
 REFERENCE = "foreign-layer-proxy.yaml"
 REDACTED = "REDACTED"
@@ -38,7 +39,10 @@ def reference_text() -> str:
 def plain(value: Any) -> Any:
     """A setting's value as YAML would write it, in the form load_settings reads back."""
     if isinstance(value, Rule):
-        return {"repository": value.repository, "action": value.action.value}
+        rule = {"repository": value.repository, "action": value.action.value}
+        return rule if value.teaches is None else rule | {"teaches": value.teaches.value}
+    if isinstance(value, TrustedUrls):
+        return [pattern.pattern for pattern in value.patterns]
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, Address | Path | URL):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 
 from aiohttp import ClientResponse, HttpVersion11, web
@@ -13,7 +13,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.cleanup import Cleaner
-from proxy.config import Settings
+from proxy.config import Settings, policy_of
 from proxy.errors import (
     FOREIGN_LAYER_DENIED,
     FOREIGN_LAYER_MISUSED,
@@ -50,6 +50,7 @@ from proxy.manifests import (
     MAX_MANIFEST_BYTES,
     Descriptor,
     ForeignClassifier,
+    ForeignLayer,
     ManifestError,
     parse_diff_ids,
     parse_manifest,
@@ -59,6 +60,7 @@ from proxy.metrics import Metrics
 from proxy.policy import Action, Decision, ManifestReview, review_manifest
 from proxy.routes import RouteKind, RouteMatch, split_query_parameter, with_query_items
 from proxy.store import Sighting
+from proxy.trust import LearningBudget
 
 logger = logging.getLogger("foreign_layer_proxy.gateway")
 
@@ -143,6 +145,13 @@ async def settle_body(request: web.Request, idle_timeout: float) -> bool:
     return await discard_body(content, MAX_DISCARDED_BYTES, idle_timeout)
 
 
+def pushed_size(request: web.Request) -> int:
+    """The size of the blob a push carried: its Content-Length, or the bytes read of it."""
+    if request.method not in {"POST", "PUT"}:
+        return 0
+    return max(request.content_length or 0, request.content.total_bytes)
+
+
 class Gateway:
     def __init__(
         self, settings: Settings, upstream: Upstream, known: KnownForeign, metrics: Metrics, cleaner: Cleaner
@@ -154,14 +163,15 @@ class Gateway:
         self.cleaner = cleaner
         self.inspections = UploadInspections(settings.policy.leak_window)
         self.seen_manifests = SeenManifests()
-        self.settings = settings
-        self.policy = settings.policy.policy
-        self.classifier = ForeignClassifier(settings.foreign.all_media_types, settings.foreign.urls_mark_foreign)
+        self.budget = LearningBudget()
+        self.reconfigure(settings)
 
     def reconfigure(self, settings: Settings) -> None:
         self.settings = settings
-        self.policy = settings.policy.policy
+        self.policy = policy_of(settings)
         self.classifier = ForeignClassifier(settings.foreign.all_media_types, settings.foreign.urls_mark_foreign)
+        self.budget.per_manifest = settings.foreign.max_learned_per_manifest
+        self.budget.per_repository_hour = settings.foreign.max_learned_per_repository_hour
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         route = request[ROUTE]
@@ -192,14 +202,21 @@ class Gateway:
 
     async def apply(self, request: web.Request, route: RouteMatch, decision: Decision) -> web.StreamResponse:
         request[DECISION] = decision
-        self.record(request, decision)
-        if decision.action.blocks:
+        if not decision.action.blocks:
+            self.record(request, decision)
+            return await self.forward(request)
+        try:
             return await self.enforce(request, route, decision)
-        return self.remember_upload(request, route, await self.forward(request))
+        finally:
+            self.record(request, decision, pushed_size(request))
 
     def remember_upload(self, request: web.Request, route: RouteMatch, response: web.StreamResponse) -> web.StreamResponse:
-        """Completed uploads are remembered for a while, for leak detection at manifest time."""
-        if response.status == 201 and route.repository and route.kind in PUSH_DIGEST_PARAMETERS:
+        """Completed uploads are remembered for a while, for leak detection at manifest time; not those the
+        gateway decided on (allowed or audited): it knew they were foreign, so they are no leak."""
+        if (
+            response.status == 201 and route.repository and route.kind in PUSH_DIGEST_PARAMETERS
+            and DECISION not in request
+        ):  # fmt: skip
             for digest in self.pushed_digests(request, route.kind):
                 self.known.record_upload(route.repository, digest, self.settings.policy.leak_window)
         return response
@@ -231,12 +248,13 @@ class Gateway:
                     return await self.respond(request, patched, None)
                 await patched.read()
             target = with_query_items(URL(location, encoded=True).raw_path_qs, digest_items)
-        decision = self.policy.decide(route.repository, [inspector.digest()], self.known.layers) or self.policy.decide(
-            route.repository, [inspector.diff_id() or ""], {}, self.known.diff_ids
-        )
+        known = self.known
+        decision = self.policy.decide(
+            route.repository, [inspector.digest()], known.layers, reach=known.reach
+        ) or self.policy.decide(route.repository, [inspector.diff_id() or ""], {}, known.diff_ids, known.reach)
         if decision is not None:
             layer = replace(decision.layer, digest=digests[0], size=inspector.size)
-            self.known.learn([layer], Sighting("inspection", route.repository))
+            self.learn_layers([layer], "inspection", route.repository, None)
             decision = request[DECISION] = replace(decision, layer=layer)
             self.record(request, decision)
             if decision.action.blocks:
@@ -256,28 +274,34 @@ class Gateway:
             digests = self.pushed_digests(request, route.kind)
         else:
             return None
-        return self.policy.decide(route.repository, digests, self.known.layers, self.known.diff_ids)
+        return self.policy.decide(route.repository, digests, self.known.layers, self.known.diff_ids, self.known.reach)
 
     @staticmethod
     def pushed_digests(request: web.Request, kind: RouteKind) -> list[str]:
         return [value for name in PUSH_DIGEST_PARAMETERS[kind] for value in request.query.getall(name, ())]
 
-    def record(self, request: web.Request, decision: Decision) -> None:
+    def record(self, request: web.Request, decision: Decision, pushed_bytes: int = 0) -> None:
+        """Log and count a decision. A layer known without a size (from a digest file) is as large as the
+        blob pushed: that is learned, and counted as kept out."""
+        size = decision.layer.size or pushed_bytes
+        if not decision.layer.size and pushed_bytes:
+            self.known.fill_size(decision.layer.digest, pushed_bytes)
         log_event(
             logger,
             logging.INFO,
             "decision",
             action=decision.action.value,
             rule=decision.rule,
+            candidate=decision.candidate or None,
             repository=decision.repository,
             digest=decision.layer.digest,
-            size=decision.layer.size,
+            size=size,
             method=request.method,
             client=request.remote,
             user_agent=request.headers.get("User-Agent"),
             request_id=request[REQUEST_ID],
         )
-        kept_out = decision.layer.size if decision.action.blocks else 0
+        kept_out = size if decision.action.blocks else 0
         self.known.count(decision.layer.digest, decision.action.outcome, kept_out, decision.repository)
         self.metrics.decisions.labels(decision.action.outcome, decision.rule).inc()
         self.metrics.bytes_kept_out.inc(kept_out)
@@ -427,8 +451,9 @@ class Gateway:
         )
         diff_ids = await self.diff_ids(request, repository, manifest.config) if wants_diff_ids else ()
         return review_manifest(
-            self.policy, repository, manifest, diff_ids, self.classifier, known.layers, known.diff_ids, check
-        )
+            self.policy, repository, manifest, diff_ids, self.classifier, known.layers, known.diff_ids, check,
+            known.reach,
+        )  # fmt: skip
 
     async def diff_ids(self, request: web.Request, repository: str, config: Descriptor) -> tuple[str, ...]:
         """The image config's layer diff_ids, read through the upstream with the client's own credentials."""
@@ -465,8 +490,9 @@ class Gateway:
         )
 
     async def report_leaks(self, request: web.Request, review: ManifestReview, cleanup: bool) -> set[str]:
-        """Foreign blobs that reached the registry before anything marked them: logged, counted, cleaned up."""
-        leaked = await self.known.uploaded_recently(review.repository, [layer.digest for layer in review.foreign])
+        """Foreign blobs that reached the registry before anything marked them: logged, counted (each upload
+        once, however many manifests name it), cleaned up."""
+        leaked = await self.known.claim_uploads(review.repository, [layer.digest for layer in review.foreign])
         for layer in review.foreign:
             if layer.digest in leaked:
                 log_event(logger, logging.WARNING, "decision", action="leaked", rule=review.rule,
@@ -486,12 +512,37 @@ class Gateway:
         return add_foreign_layer_hint(body, {layer.digest for layer in review.foreign}) if body is not None else None
 
     def learn(self, review: ManifestReview, source: str, manifest_digest: str) -> None:
-        new_layers = self.known.learn(review.foreign, Sighting(source, review.repository, manifest_digest))
-        self.metrics.learned.labels(source).inc(len(new_layers))
-        for layer in new_layers:
-            log_event(logger, logging.INFO, "learned", digest=layer.digest, media_type=layer.media_type,
-                      size=layer.size, diff_id=layer.diff_id, repository=review.repository,
-                      manifest=manifest_digest, source=source)  # fmt: skip
+        self.learn_layers(review.foreign, source, review.repository, manifest_digest)
+
+    def learn_layers(
+        self, layers: Sequence[ForeignLayer], source: str, repository: str, manifest_digest: str | None
+    ) -> None:
+        """What a manifest (or an inspected upload) of `repository` teaches: in the scope its rule and
+        foreign.learning_scope give it, as candidates where the urls are not trusted, within the caps."""
+        scope = self.policy.teaching_scope(repository)
+        if scope is None or not layers:
+            return
+        trust = self.settings.foreign.trusted_urls
+        candidates = {layer.digest for layer in layers if not trust.trust(layer.urls)}
+        new = [layer.digest for layer in layers if self.known.teaches_more(layer.digest, scope, layer.digest in candidates)]
+        admitted, limit = self.budget.admit(repository, len(new))
+        capped = set(new[admitted:])
+        if limit is not None:
+            log_event(logger, logging.WARNING, "learning_capped", limit=limit, repository=repository,
+                      manifest=manifest_digest, source=source, learned=admitted, not_learned=len(capped),
+                      per_manifest=self.budget.per_manifest, per_repository_hour=self.budget.per_repository_hour)  # fmt: skip
+            self.metrics.learning_capped.labels(limit).inc(len(capped))
+        sighting = Sighting(source, repository, manifest_digest)
+        for candidate in (False, True):
+            group = [layer for layer in layers if (layer.digest in candidates) is candidate and layer.digest not in capped]
+            if not group:
+                continue
+            taught = self.known.learn(group, sighting, scope=scope, candidate=candidate)
+            (self.metrics.learned_candidates if candidate else self.metrics.learned).labels(source).inc(len(taught))
+            for layer in taught:
+                log_event(logger, logging.INFO, "learned", digest=layer.digest, media_type=layer.media_type,
+                          size=layer.size, diff_id=layer.diff_id, repository=repository, manifest=manifest_digest,
+                          source=source, scope=scope, candidate=candidate or None, urls=list(layer.urls) if candidate else None)  # fmt: skip
 
     def worth_learning_from(self, status: int, headers: CIMultiDictProxy[str]) -> bool:
         length = headers.get("Content-Length")

@@ -1,7 +1,9 @@
 """The in-memory set of known foreign layers: what the hot path reads, kept in step with the store.
 
-Requests only read `layers` (a dict look-up). Writes to the store and resyncs from it happen in one
-background task, so that a slow or broken store never delays or fails a request.
+Requests only read `layers` and `reach` (dict look-ups). Writes to the store and resyncs from it happen
+in one background task, so that a slow or broken store never delays or fails a request. A resync reads
+only what changed since the generation this process last saw; a full reload only when the store no
+longer has that history (or was reset).
 """
 
 from __future__ import annotations
@@ -11,11 +13,18 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from proxy.logs import log_event
 from proxy.manifests import ForeignLayer
-from proxy.store import ForeignStore, Sighting, StoreError
+from proxy.store import (
+    ForeignStore,
+    KnownChanges,
+    Sighting,
+    StoreError,
+    with_gaps_filled,
+)
+from proxy.trust import EVERYWHERE, Reach, teaches_more, widened
 
 logger = logging.getLogger("foreign_layer_proxy.known")
 RECENT_UPLOADS_CAPACITY = 100_000
@@ -27,6 +36,14 @@ MAX_PENDING_RECORDS = 100_000
 class _Learned:
     layers: tuple[ForeignLayer, ...]
     sighting: Sighting
+    scope: str = EVERYWHERE
+    candidate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Sized:
+    digest: str
+    size: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +61,7 @@ class _Uploaded:
     ttl: float
 
 
-_Change = _Learned | _Counted | _Uploaded
+_Change = _Learned | _Sized | _Counted | _Uploaded
 
 
 def index_diff_ids(layers: Iterable[ForeignLayer]) -> dict[str, ForeignLayer]:
@@ -62,7 +79,9 @@ class KnownForeign:
         self.store = store
         self.sync_interval = sync_interval
         self.on_store_error = on_store_error
+        # Every known digest, whatever its reach; `reach` only for those not enforced everywhere.
         self.layers: dict[str, ForeignLayer] = dict(static or {})
+        self.reach: dict[str, Reach] = {}
         self.diff_ids: dict[str, ForeignLayer] = {}
         self._static: dict[str, ForeignLayer] = dict(static or {})
         self._unsaved: dict[str, ForeignLayer] = {}
@@ -71,17 +90,43 @@ class KnownForeign:
         self._generation: int | None = None
         self._wake = asyncio.Event()
 
-    def learn(self, layers: Iterable[ForeignLayer], sighting: Sighting) -> list[ForeignLayer]:
-        """Enforced from now on; saved in the background. Returns the layers new to this process."""
+    def teaches_more(self, digest: str, scope: str, candidate: bool) -> bool:
+        """Whether a teaching of `digest` in `scope` would change what this process enforces or audits."""
+        if digest in self._static:
+            return False
+        return teaches_more(self.reach.get(digest), digest in self.layers, scope, candidate)
+
+    def learn(
+        self, layers: Iterable[ForeignLayer], sighting: Sighting, *, scope: str = EVERYWHERE, candidate: bool = False
+    ) -> list[ForeignLayer]:
+        """Enforced (or, for a candidate, audited) in `scope` from now on; saved in the background.
+        Returns the layers this changed anything for: new to this process, or reaching further."""
         layers = tuple(layers)
-        new = [layer for layer in layers if layer.digest not in self.layers]
+        taught = []
         for layer in layers:
-            self.layers[layer.digest] = layer
+            known = self.layers.get(layer.digest)
+            if self.teaches_more(layer.digest, scope, candidate):
+                taught.append(layer)
+                reach = widened(self.reach.get(layer.digest), known is not None, scope, candidate)
+                if reach is None:
+                    self.reach.pop(layer.digest, None)
+                else:
+                    self.reach[layer.digest] = reach
+            self._remember(with_gaps_filled(known, layer) if known is not None else layer)
             self._unsaved[layer.digest] = layer
-        self.diff_ids.update(index_diff_ids(layers))
         if layers:
-            self._queue(_Learned(layers, sighting))
-        return new
+            self._queue(_Learned(layers, sighting, scope, candidate))
+        return taught
+
+    def fill_size(self, digest: str, size: int) -> None:
+        """A known layer's size, seen in a push, where its source did not give one (a digest file)."""
+        known = self.layers.get(digest)
+        if known is None or known.size or size <= 0:
+            return
+        self._remember(known := replace(known, size=size))
+        if digest in self._static:
+            self._static[digest] = known
+        self._queue(_Sized(digest, size))
 
     def count(self, digest: str, outcome: str, nbytes: int = 0, repository: str | None = None) -> None:
         if self._pending.qsize() < MAX_PENDING_RECORDS:
@@ -95,18 +140,18 @@ class KnownForeign:
         if self._pending.qsize() < MAX_PENDING_RECORDS:
             self._queue(_Uploaded(repository, digest, ttl))
 
-    async def uploaded_recently(self, repository: str, digests: Iterable[str]) -> set[str]:
-        """Which of `digests` were uploaded to `repository` within the leak window, by any replica."""
+    async def claim_uploads(self, repository: str, digests: Iterable[str]) -> set[str]:
+        """Which of `digests` were uploaded to `repository` within the leak window, by any replica; each
+        upload is claimed once, so that it counts as one leak however many manifests name it."""
         now = time.monotonic()
         wanted = set(digests)
-        found = {digest for digest in wanted if self._recent_uploads.get((repository, digest), 0.0) > now}
-        if wanted - found:
-            try:
-                await self.flush()
-                found |= await self.store.recent_uploads(repository, wanted - found)
-            except StoreError as error:
-                self._report(error)
-        return found
+        claimed = {digest for digest in wanted if self._recent_uploads.pop((repository, digest), 0.0) > now}
+        try:
+            await self.flush()
+            claimed |= await self.store.claim_uploads(repository, wanted)
+        except StoreError as error:
+            self._report(error)
+        return claimed
 
     def replace_static(self, static: Mapping[str, ForeignLayer]) -> None:
         self._static = dict(static)
@@ -124,12 +169,72 @@ class KnownForeign:
             return
         if self._generation is not None and generation < self._generation:
             # The store was reset (a Redis failover without persistence): give it back what we enforce.
-            self._unsaved |= {digest: layer for digest, layer in self.layers.items() if digest not in self._static}
-            self._queue(_Learned(tuple(self._unsaved.values()), Sighting("resync")))
-        stored = await self.store.known()
-        self.layers = {**self._static, **stored, **self._unsaved}
+            self._refill()
+            await self.reload()
+            return
+        changes = None if self._generation is None else await self.store.changes(self._generation)
+        if changes is None:
+            await self.reload()
+        else:
+            self._apply(changes)
+
+    async def reload(self) -> None:
+        """Everything again from the store: at start, and when following its changes is not possible."""
+        snapshot = await self.store.snapshot()
+        unsaved_reach = {digest: self.reach[digest] for digest in self._unsaved if digest in self.reach}
+        self.layers = {**self._static, **snapshot.layers, **self._unsaved}
+        self.reach = {
+            digest: reach for digest, reach in snapshot.reach.items()
+            if digest not in self._static and digest not in self._unsaved
+        } | unsaved_reach  # fmt: skip
         self.diff_ids = index_diff_ids(self.layers.values())
-        self._generation = generation
+        self._generation = snapshot.generation
+
+    def _refill(self) -> None:
+        """Queue everything this process enforces for writing, each layer in the scopes it reaches."""
+        self._unsaved |= {digest: layer for digest, layer in self.layers.items() if digest not in self._static}
+        everywhere = tuple(layer for digest, layer in self._unsaved.items() if digest not in self.reach)
+        self._queue(_Learned(everywhere, Sighting("resync")))
+        for digest, reach in self.reach.items():
+            layer = (self._unsaved[digest],)
+            for scope in reach.enforced:
+                self._queue(_Learned(layer, Sighting("resync"), scope))
+            for scope in reach.candidate:
+                self._queue(_Learned(layer, Sighting("resync"), scope, candidate=True))
+
+    def _apply(self, changes: KnownChanges) -> None:
+        for digest, entry in changes.changed.items():
+            if digest in self._unsaved:
+                continue  # our own write is on its way; its change comes with a later generation
+            self._forget_locally(digest)
+            if entry is None:
+                if (static := self._static.get(digest)) is not None:
+                    self._remember(static)
+                continue
+            layer, reach = entry
+            self._remember(layer)
+            if reach is not None and digest not in self._static:
+                self.reach[digest] = reach
+        self._generation = changes.generation
+
+    def _remember(self, layer: ForeignLayer) -> None:
+        known = self.layers.get(layer.digest)
+        if known is not None and known.diff_id and known.diff_id != layer.diff_id:
+            self._drop_diff_id(known)
+        self.layers[layer.digest] = layer
+        if layer.diff_id:
+            self.diff_ids[layer.diff_id] = layer
+
+    def _forget_locally(self, digest: str) -> None:
+        known = self.layers.pop(digest, None)
+        self.reach.pop(digest, None)
+        if known is not None and known.diff_id:
+            self._drop_diff_id(known)
+
+    def _drop_diff_id(self, layer: ForeignLayer) -> None:
+        indexed = self.diff_ids.get(layer.diff_id or "")
+        if indexed is not None and indexed.digest == layer.digest:
+            del self.diff_ids[layer.diff_id or ""]
 
     async def run(self) -> None:
         """Save pending writes and follow other processes' changes until cancelled."""
@@ -160,10 +265,12 @@ class KnownForeign:
     async def _write(self, change: _Change) -> None:
         try:
             if isinstance(change, _Learned):
-                await self.store.learn(change.layers, change.sighting)
+                await self.store.learn(change.layers, change.sighting, scope=change.scope, candidate=change.candidate)
                 for layer in change.layers:
                     if self._unsaved.get(layer.digest) is layer:
                         del self._unsaved[layer.digest]
+            elif isinstance(change, _Sized):
+                await self.store.fill_size(change.digest, change.size)
             elif isinstance(change, _Counted):
                 await self.store.count(change.digest, change.outcome, change.nbytes, change.repository)
             else:

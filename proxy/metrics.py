@@ -93,6 +93,14 @@ class Metrics:
             f"{PREFIX}_learned_digests", "Foreign digests newly learned by this process, by source.",
             ["source"], registry=self.registry,
         )  # fmt: skip
+        self.learned_candidates = Counter(
+            f"{PREFIX}_learned_candidates", "Foreign digests learned as candidates (urls not trusted: audited only), "
+            "by source.", ["source"], registry=self.registry,
+        )  # fmt: skip
+        self.learning_capped = Counter(
+            f"{PREFIX}_learning_capped", "Foreign layers not learned because a cap was reached, by limit "
+            "(manifest, repository).", ["limit"], registry=self.registry,
+        )  # fmt: skip
         self.upstream_errors = Counter(
             f"{PREFIX}_upstream_errors", "Failed exchanges with the upstream registry, by kind.",
             ["kind"], registry=self.registry,

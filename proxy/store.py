@@ -9,12 +9,23 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from proxy.manifests import ForeignLayer
+from proxy.trust import (
+    EVERYWHERE,
+    Reach,
+    Teaching,
+    decode_reach,
+    decode_teachings,
+    encode_reach,
+    encode_teachings,
+    reach_of,
+    with_teaching,
+)
 
 Result = TypeVar("Result")
 Clock = Callable[[], float]
@@ -33,7 +44,10 @@ class Sighting:
 
 @dataclass(frozen=True, slots=True)
 class ForeignRecord:
-    """A known layer's history. `outcomes` counts count() calls per outcome; `bytes_kept_out` sums their nbytes."""
+    """A known layer's history. `outcomes` counts count() calls per outcome; `bytes_kept_out` sums their nbytes.
+
+    `teachings` say who taught it and where that applies (see proxy.trust).
+    """
 
     layer: ForeignLayer
     first_sighting: Sighting
@@ -42,6 +56,11 @@ class ForeignRecord:
     last_seen: float
     outcomes: Mapping[str, int]
     bytes_kept_out: int
+    teachings: tuple[Teaching, ...] = ()
+
+    @property
+    def reach(self) -> Reach | None:
+        return reach_of(self.teachings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,25 +84,75 @@ class TlsFiles:
 NO_TLS = TlsFiles()
 
 
+@dataclass(frozen=True, slots=True)
+class KnownSnapshot:
+    """Everything a process enforces, as of `generation`: every known layer, and the reach of those not
+    enforced everywhere."""
+
+    generation: int
+    layers: dict[str, ForeignLayer]
+    reach: dict[str, Reach]
+
+
+# A changed digest's layer and reach now; None: it is no longer known.
+KnownEntry = tuple[ForeignLayer, Reach | None]
+
+
+@dataclass(frozen=True, slots=True)
+class KnownChanges:
+    """The digests whose layer or reach changed after some generation, up to `generation` (at least)."""
+
+    generation: int
+    changed: dict[str, KnownEntry | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Untaught:
+    """What removing one teacher's teachings did: digests no longer known at all, and digests still
+    known (from other teachers) whose reach shrank or stayed."""
+
+    forgotten: list[str]
+    narrowed: list[str]
+
+
 class StoreError(Exception):
     """The store's backend failed; the message names the backend (the SQLite file, the Redis URL without password)."""
 
 
 class ForeignStore(Protocol):
-    async def learn(self, layers: Sequence[ForeignLayer], sighting: Sighting) -> list[ForeignLayer]:
+    async def learn(
+        self, layers: Sequence[ForeignLayer], sighting: Sighting, *, scope: str = EVERYWHERE, candidate: bool = False
+    ) -> list[ForeignLayer]:
         """Insert or refresh; returns the layers that were not known before.
 
-        A refresh moves last_seen/last_sighting, keeps the first_* fields and fills a missing diff_id or urls.
+        A refresh moves last_seen/last_sighting, keeps the first_* fields and fills a missing size (0),
+        diff_id or urls. The sighting's repository (or source) is recorded as a teaching in `scope`,
+        a candidate one (only audited) with `candidate`.
         """
 
     async def known(self) -> dict[str, ForeignLayer]:
-        """Every known layer, by digest."""
+        """Every known layer, by digest, whatever its reach."""
+
+    async def snapshot(self) -> KnownSnapshot:
+        """Every known layer and the reach of those not enforced everywhere, with the generation they are of."""
+
+    async def changes(self, since: int) -> KnownChanges | None:
+        """What changed after generation `since`; None when the store no longer holds that history (or
+        never did: another store, a reset), so that the caller reloads a snapshot. Costs what changed,
+        not what is known."""
 
     async def records(self) -> list[ForeignRecord]:
         """Every known layer with its history, sorted by digest."""
 
     async def forget(self, digests: Iterable[str]) -> list[str]:
         """Remove the digests; returns those that were known."""
+
+    async def untaught(self, repository: str, since: float | None = None) -> Untaught:
+        """Remove the teachings of `repository` (or of an operator source of that name), those made at or
+        after `since` only if given; a digest left without teachings is forgotten."""
+
+    async def fill_size(self, digest: str, size: int) -> None:
+        """Record a known layer's size where its source did not give one (size 0)."""
 
     async def count(self, digest: str, outcome: str, nbytes: int = 0, repository: str | None = None) -> None:
         """Record one outcome for a known digest (an unknown one is not recorded) and for `repository`, if given.
@@ -95,12 +164,12 @@ class ForeignStore(Protocol):
         """Every repository that was counted, by bytes kept out (most first), then by name."""
 
     async def generation(self) -> int:
-        """Cheap; differs after any change to what `known()` answers, committed by any process sharing the store.
+        """Cheap; differs after any change to what `snapshot()` answers, committed by any process sharing the store.
 
-        Counts, refreshed sightings and upload records do not move it, so that following it costs a reload
-        of `known()` only when the set of layers really changed. A Redis store that lost its records (a
-        failover to an empty server) answers lower than it ever did before the loss (a replaced SQLite
-        file starts again from 0).
+        Counts, refreshed sightings, upload records and teachings that reach no further do not move it,
+        so that following it costs a read of `changes()` only when the set of layers really changed. A
+        Redis store that lost its records (a failover to an empty server) answers lower than it ever did
+        before the loss (a replaced SQLite file starts again from 0).
         """
 
     async def restore(self, records: Sequence[ForeignRecord], repositories: Sequence[RepositoryStats]) -> None:
@@ -112,6 +181,10 @@ class ForeignStore(Protocol):
 
     async def recent_uploads(self, repository: str, digests: Iterable[str]) -> set[str]:
         """Those of `digests` recorded for `repository` whose time has not run out."""
+
+    async def claim_uploads(self, repository: str, digests: Iterable[str]) -> set[str]:
+        """Like recent_uploads, but the records found are removed: each upload is claimed (counted) once,
+        by one process."""
 
     async def close(self) -> None: ...
 
@@ -173,9 +246,21 @@ def by_bytes_kept_out(stats: Iterable[RepositoryStats]) -> list[RepositoryStats]
 def with_gaps_filled(known: ForeignLayer, later: ForeignLayer) -> ForeignLayer:
     return replace(
         known,
+        size=known.size or later.size,
         urls=known.urls or later.urls,
         diff_id=later.diff_id if known.diff_id is None else known.diff_id,
     )
+
+
+def teaching_from(sighting: Sighting, scope: str, candidate: bool, now: float) -> Teaching:
+    return Teaching(sighting.repository, sighting.source, sighting.manifest_digest, scope, candidate, now)
+
+
+def without_teacher(teachings: Sequence[Teaching], teacher: str, since: float | None) -> tuple[Teaching, ...]:
+    return tuple(
+        teaching for teaching in teachings
+        if teaching.teacher != teacher or (since is not None and teaching.taught_at < since)
+    )  # fmt: skip
 
 
 class MemoryStore:
@@ -187,30 +272,55 @@ class MemoryStore:
         self._uploads: dict[tuple[str, str], float] = {}
         self._repositories: dict[str, RepositoryStats] = {}
         self._generation = 0
+        # Digest -> the generation of its last change, oldest first.
+        self._changes: dict[str, int] = {}
         self._closed = False
 
-    async def learn(self, layers: Sequence[ForeignLayer], sighting: Sighting) -> list[ForeignLayer]:
+    async def learn(
+        self, layers: Sequence[ForeignLayer], sighting: Sighting, *, scope: str = EVERYWHERE, candidate: bool = False
+    ) -> list[ForeignLayer]:
         self._check_open()
         now = self._clock()
+        teaching = teaching_from(sighting, scope, candidate, now)
         new_layers = []
-        moved = False
+        changed = []
         for layer in layers:
             record = self._records.get(layer.digest)
             if record is None:
-                self._records[layer.digest] = ForeignRecord(layer, sighting, sighting, now, now, {}, 0)
+                self._records[layer.digest] = ForeignRecord(layer, sighting, sighting, now, now, {}, 0, (teaching,))
                 new_layers.append(layer)
-                moved = True
+                changed.append(layer.digest)
             else:
-                filled = with_gaps_filled(record.layer, layer)
-                moved = moved or filled != record.layer
-                self._records[layer.digest] = replace(record, layer=filled, last_sighting=sighting, last_seen=now)
-        if moved:
-            self._generation += 1
+                updated = replace(
+                    record, layer=with_gaps_filled(record.layer, layer), last_sighting=sighting, last_seen=now,
+                    teachings=with_teaching(record.teachings, teaching),
+                )  # fmt: skip
+                if (updated.layer, updated.reach) != (record.layer, record.reach):
+                    changed.append(layer.digest)
+                self._records[layer.digest] = updated
+        self._moved(changed)
         return new_layers
 
     async def known(self) -> dict[str, ForeignLayer]:
         self._check_open()
         return {digest: record.layer for digest, record in self._records.items()}
+
+    async def snapshot(self) -> KnownSnapshot:
+        self._check_open()
+        reach = {digest: scoped for digest, record in self._records.items() if (scoped := record.reach) is not None}
+        return KnownSnapshot(self._generation, await self.known(), reach)
+
+    async def changes(self, since: int) -> KnownChanges | None:
+        self._check_open()
+        if since > self._generation:
+            return None
+        changed: dict[str, KnownEntry | None] = {}
+        for digest, generation in reversed(self._changes.items()):
+            if generation <= since:
+                break
+            record = self._records.get(digest)
+            changed[digest] = None if record is None else (record.layer, record.reach)
+        return KnownChanges(self._generation, changed)
 
     async def records(self) -> list[ForeignRecord]:
         self._check_open()
@@ -220,9 +330,31 @@ class MemoryStore:
     async def forget(self, digests: Iterable[str]) -> list[str]:
         self._check_open()
         removed = [digest for digest in dict.fromkeys(digests) if self._records.pop(digest, None)]
-        if removed:
-            self._generation += 1
+        self._moved(removed)
         return removed
+
+    async def untaught(self, repository: str, since: float | None = None) -> Untaught:
+        self._check_open()
+        untaught = Untaught([], [])
+        for digest, record in list(self._records.items()):
+            remaining = without_teacher(record.teachings, repository, since)
+            if remaining == record.teachings:
+                continue
+            if remaining:
+                self._records[digest] = replace(record, teachings=remaining)
+                untaught.narrowed.append(digest)
+                if reach_of(remaining) != record.reach:
+                    self._moved([digest])
+            else:
+                untaught.forgotten.extend(await self.forget([digest]))
+        return untaught
+
+    async def fill_size(self, digest: str, size: int) -> None:
+        self._check_open()
+        record = self._records.get(digest)
+        if record is not None and record.layer.size == 0 and size > 0:
+            self._records[digest] = replace(record, layer=replace(record.layer, size=size))
+            self._moved([digest])
 
     async def count(self, digest: str, outcome: str, nbytes: int = 0, repository: str | None = None) -> None:
         self._check_open()
@@ -259,8 +391,23 @@ class MemoryStore:
         now = self._clock()
         return {digest for digest in digests if self._uploads.get((repository, digest), now) > now}
 
+    async def claim_uploads(self, repository: str, digests: Iterable[str]) -> set[str]:
+        claimed = await self.recent_uploads(repository, digests)
+        for digest in claimed:
+            del self._uploads[repository, digest]
+        return claimed
+
     async def close(self) -> None:
         self._closed = True
+
+    def _moved(self, digests: Iterable[str]) -> None:
+        digests = list(digests)
+        if not digests:
+            return
+        self._generation += 1
+        for digest in digests:
+            self._changes.pop(digest, None)
+            self._changes[digest] = self._generation
 
     def _check_open(self) -> None:
         if self._closed:
@@ -275,7 +422,9 @@ def _counted(counted: Counted, outcome: str, nbytes: int) -> Counted:
     return replace(counted, outcomes=outcomes, bytes_kept_out=counted.bytes_kept_out + nbytes)
 
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+# Changes kept for other processes to follow; one that fell further behind reloads a snapshot.
+CHANGES_KEPT = 100_000
 
 SCHEMA = (
     """
@@ -300,7 +449,9 @@ SCHEMA = (
         last_repository TEXT,
         last_manifest_digest TEXT,
         last_seen REAL NOT NULL,
-        bytes_kept_out INTEGER NOT NULL DEFAULT 0
+        bytes_kept_out INTEGER NOT NULL DEFAULT 0,
+        teachings TEXT,
+        reach TEXT
     ) WITHOUT ROWID
     """,
     """
@@ -331,10 +482,25 @@ SCHEMA = (
         PRIMARY KEY (repository, outcome)
     ) WITHOUT ROWID
     """,
-    f"PRAGMA user_version = {SCHEMA_VERSION}",
+    # Version 4: teachings and reach per layer (see ADDED_COLUMNS), and the digests each generation
+    # changed, from `history_from` on, so that processes follow changes instead of reloading.
+    """
+    CREATE TABLE IF NOT EXISTS changes (
+        generation INTEGER NOT NULL,
+        digest TEXT NOT NULL,
+        PRIMARY KEY (generation, digest)
+    ) WITHOUT ROWID
+    """,
+    "INSERT OR IGNORE INTO meta (key, value) SELECT 'history_from', value FROM meta WHERE key = 'generation'",
 )
-
 NO_URLS = json.dumps([])
+ADDED_COLUMNS = {"teachings": "TEXT", "reach": "TEXT"}
+# Layers from before teachings were recorded were taught everywhere by their first sighting.
+BACKFILL_TEACHINGS = """
+    UPDATE foreign_layers
+    SET teachings = json_array(json_array(first_repository, first_source, first_manifest_digest, '*', 0, first_seen))
+    WHERE teachings IS NULL
+"""
 
 REFRESH_SIGHTING = """
     UPDATE foreign_layers SET
@@ -345,25 +511,22 @@ REFRESH_SIGHTING = """
     WHERE digest = :digest
 """
 
-FILL_GAPS = f"""
-    UPDATE foreign_layers SET
-        urls = CASE WHEN urls = '{NO_URLS}' THEN :urls ELSE urls END,
-        diff_id = coalesce(diff_id, :diff_id)
+UPDATE_LAYER = """
+    UPDATE foreign_layers SET size = :size, urls = :urls, diff_id = :diff_id, teachings = :teachings, reach = :reach
     WHERE digest = :digest
-        AND ((urls = '{NO_URLS}' AND :urls != '{NO_URLS}') OR (diff_id IS NULL AND :diff_id IS NOT NULL))
 """
-
-BUMP_GENERATION = "UPDATE meta SET value = value + 1 WHERE key = 'generation'"
 
 INSERT_LAYER = """
     INSERT INTO foreign_layers (
         digest, media_type, size, urls, diff_id,
         first_source, first_repository, first_manifest_digest, first_seen,
-        last_source, last_repository, last_manifest_digest, last_seen
+        last_source, last_repository, last_manifest_digest, last_seen,
+        teachings, reach
     ) VALUES (
         :digest, :media_type, :size, :urls, :diff_id,
         :source, :repository, :manifest_digest, :now,
-        :source, :repository, :manifest_digest, :now
+        :source, :repository, :manifest_digest, :now,
+        :teachings, :reach
     )
 """
 
@@ -377,9 +540,15 @@ SELECT_RECORDS = f"""
     SELECT {LAYER_COLUMNS},
         first_source, first_repository, first_manifest_digest, first_seen,
         last_source, last_repository, last_manifest_digest, last_seen,
-        bytes_kept_out, outcome, count
+        bytes_kept_out, teachings, outcome, count
     FROM foreign_layers LEFT JOIN outcomes USING (digest)
     ORDER BY digest
+"""
+
+SELECT_CHANGED = """
+    SELECT changed.digest, media_type, size, urls, diff_id, reach
+    FROM (SELECT DISTINCT digest FROM changes WHERE generation > ?) AS changed
+    LEFT JOIN foreign_layers ON foreign_layers.digest = changed.digest
 """
 
 
@@ -390,10 +559,13 @@ class SqliteStore:
     The file and schema are created on first use, so construction never touches the disk.
     """
 
-    def __init__(self, path: Path, *, clock: Clock = time.time, busy_timeout: float = 10.0) -> None:
+    def __init__(
+        self, path: Path, *, clock: Clock = time.time, busy_timeout: float = 10.0, changes_kept: int = CHANGES_KEPT
+    ) -> None:
         self._path = path
         self._clock = clock
         self._busy_timeout = busy_timeout
+        self._changes_kept = changes_kept
         self._lock = threading.Lock()
         self._connection: sqlite3.Connection | None = None
         self._closed = False
@@ -402,40 +574,75 @@ class SqliteStore:
     def path(self) -> Path:
         return self._path
 
-    async def learn(self, layers: Sequence[ForeignLayer], sighting: Sighting) -> list[ForeignLayer]:
+    async def learn(
+        self, layers: Sequence[ForeignLayer], sighting: Sighting, *, scope: str = EVERYWHERE, candidate: bool = False
+    ) -> list[ForeignLayer]:
         layers = tuple(layers)
         now = self._clock()
+        teaching = teaching_from(sighting, scope, candidate, now)
 
-        def learn_layers(connection: sqlite3.Connection) -> tuple[list[ForeignLayer], bool]:
+        def learn_layers(connection: sqlite3.Connection) -> tuple[list[ForeignLayer], list[str]]:
             new_layers = []
-            filled = False
+            changed = []
             for layer in layers:
-                values = {
+                values: dict[str, object] = {
                     "digest": layer.digest,
-                    "media_type": layer.media_type,
-                    "size": layer.size,
-                    "urls": json.dumps(list(layer.urls)),
-                    "diff_id": layer.diff_id,
                     "source": sighting.source,
                     "repository": sighting.repository,
                     "manifest_digest": sighting.manifest_digest,
                     "now": now,
                 }
-                if connection.execute(REFRESH_SIGHTING, values).rowcount:
-                    filled = connection.execute(FILL_GAPS, values).rowcount > 0 or filled
-                else:
-                    connection.execute(INSERT_LAYER, values)
+                row = connection.execute(
+                    f"SELECT {LAYER_COLUMNS}, teachings FROM foreign_layers WHERE digest = ?", (layer.digest,)
+                ).fetchone()
+                if row is None:
+                    teachings: tuple[Teaching, ...] = (teaching,)
+                    connection.execute(INSERT_LAYER, values | _layer_values(layer, teachings))
                     new_layers.append(layer)
-            return new_layers, bool(new_layers) or filled
+                    changed.append(layer.digest)
+                    continue
+                connection.execute(REFRESH_SIGHTING, values)
+                known, known_teachings = _layer(row), decode_teachings(row[5])
+                filled, teachings = with_gaps_filled(known, layer), with_teaching(known_teachings, teaching)
+                if (filled, teachings) != (known, known_teachings):
+                    connection.execute(UPDATE_LAYER, _layer_values(filled, teachings))
+                if (filled, reach_of(teachings)) != (known, reach_of(known_teachings)):
+                    changed.append(layer.digest)
+            return new_layers, changed
 
         return await self._write(learn_layers)
 
     async def known(self) -> dict[str, ForeignLayer]:
-        def select_layers(connection: sqlite3.Connection) -> dict[str, ForeignLayer]:
-            rows = connection.execute(f"SELECT {LAYER_COLUMNS} FROM foreign_layers")
-            return {row[0]: _layer(row) for row in rows}
+        return (await self.snapshot()).layers
 
-        return await self._run(select_layers)
+    async def snapshot(self) -> KnownSnapshot:
+        def select_layers(connection: sqlite3.Connection) -> KnownSnapshot:
+            generation = _meta(connection, "generation")
+            layers: dict[str, ForeignLayer] = {}
+            reach: dict[str, Reach] = {}
+            media_types: dict[str, str] = {}
+            for row in connection.execute(f"SELECT {LAYER_COLUMNS}, reach FROM foreign_layers"):
+                digest, media_type, size, urls, diff_id, scoped = row
+                # One string per media type, not one per row: a million layers share a handful.
+                media_type = media_types.setdefault(media_type, media_type)
+                layers[digest] = ForeignLayer(digest, media_type, size, _urls(urls), diff_id)
+                if (scoped_reach := decode_reach(scoped)) is not None:
+                    reach[digest] = scoped_reach
+            return KnownSnapshot(generation, layers, reach)
+
+        return await self._read(select_layers)
+
+    async def changes(self, since: int) -> KnownChanges | None:
+        def select_changes(connection: sqlite3.Connection) -> KnownChanges | None:
+            generation = _meta(connection, "generation")
+            if since > generation or since < _meta(connection, "history_from"):
+                return None
+            changed: dict[str, KnownEntry | None] = {}
+            for digest, *layer, scoped in connection.execute(SELECT_CHANGED, (since,)):
+                changed[digest] = None if layer[0] is None else (_layer([digest, *layer]), decode_reach(scoped))
+            return KnownChanges(generation, changed)
+
+        return await self._read(select_changes)
 
     async def records(self) -> list[ForeignRecord]:
         def select_records(connection: sqlite3.Connection) -> list[ForeignRecord]:
@@ -447,15 +654,49 @@ class SqliteStore:
     async def forget(self, digests: Iterable[str]) -> list[str]:
         unique_digests = tuple(dict.fromkeys(digests))
 
-        def delete_layers(connection: sqlite3.Connection) -> tuple[list[str], bool]:
-            removed = []
-            for digest in unique_digests:
-                if connection.execute("DELETE FROM foreign_layers WHERE digest = ?", (digest,)).rowcount:
-                    connection.execute("DELETE FROM outcomes WHERE digest = ?", (digest,))
-                    removed.append(digest)
-            return removed, bool(removed)
+        def delete_layers(connection: sqlite3.Connection) -> tuple[list[str], list[str]]:
+            removed = [digest for digest in unique_digests if _delete_layer(connection, digest)]
+            return removed, removed
 
         return await self._write(delete_layers)
+
+    async def untaught(self, repository: str, since: float | None = None) -> Untaught:
+        # The JSON text of a teaching holds the teacher's name as a JSON string: a cheap filter first.
+        pattern = "%" + json.dumps(repository).replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+        def remove_teachings(connection: sqlite3.Connection) -> tuple[Untaught, list[str]]:
+            untaught = Untaught([], [])
+            changed = []
+            rows = connection.execute(
+                f"SELECT {LAYER_COLUMNS}, teachings FROM foreign_layers WHERE teachings LIKE ? ESCAPE '\\'",
+                (pattern,),
+            ).fetchall()
+            for row in rows:
+                digest, teachings = row[0], decode_teachings(row[5])
+                remaining = without_teacher(teachings, repository, since)
+                if remaining == teachings:
+                    continue
+                if not remaining:
+                    _delete_layer(connection, digest)
+                    untaught.forgotten.append(digest)
+                    changed.append(digest)
+                    continue
+                connection.execute(UPDATE_LAYER, _layer_values(_layer(row), remaining))
+                untaught.narrowed.append(digest)
+                if reach_of(remaining) != reach_of(teachings):
+                    changed.append(digest)
+            return untaught, changed
+
+        return await self._write(remove_teachings)
+
+    async def fill_size(self, digest: str, size: int) -> None:
+        def update_size(connection: sqlite3.Connection) -> tuple[None, list[str]]:
+            updated = connection.execute(
+                "UPDATE foreign_layers SET size = ? WHERE digest = ? AND size = 0 AND ? > 0", (size, digest, size)
+            ).rowcount
+            return None, [digest] if updated else []
+
+        await self._write(update_size)
 
     async def count(self, digest: str, outcome: str, nbytes: int = 0, repository: str | None = None) -> None:
         def count_outcome(connection: sqlite3.Connection) -> None:
@@ -498,16 +739,22 @@ class SqliteStore:
     async def restore(self, records: Sequence[ForeignRecord], repositories: Sequence[RepositoryStats]) -> None:
         records, repositories = tuple(records), tuple(repositories)
 
-        def write_records(connection: sqlite3.Connection) -> tuple[None, bool]:
+        def write_records(connection: sqlite3.Connection) -> tuple[None, list[str]]:
             for record in records:
                 layer, first, last = record.layer, record.first_sighting, record.last_sighting
                 connection.execute("DELETE FROM outcomes WHERE digest = ?", (layer.digest,))
                 connection.execute(
-                    f"INSERT OR REPLACE INTO foreign_layers ({LAYER_COLUMNS}, {HISTORY_COLUMNS}, bytes_kept_out) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (layer.digest, layer.media_type, layer.size, json.dumps(list(layer.urls)), layer.diff_id,
-                     first.source, first.repository, first.manifest_digest, record.first_seen,
-                     last.source, last.repository, last.manifest_digest, record.last_seen, record.bytes_kept_out),
+                    f"INSERT OR REPLACE INTO foreign_layers ({LAYER_COLUMNS}, {HISTORY_COLUMNS}, bytes_kept_out, "
+                    "teachings, reach) VALUES (:digest, :media_type, :size, :urls, :diff_id, :first_source, "
+                    ":first_repository, :first_manifest_digest, :first_seen, :last_source, :last_repository, "
+                    ":last_manifest_digest, :last_seen, :bytes_kept_out, :teachings, :reach)",
+                    _layer_values(layer, record.teachings) | {
+                        "first_source": first.source, "first_repository": first.repository,
+                        "first_manifest_digest": first.manifest_digest, "first_seen": record.first_seen,
+                        "last_source": last.source, "last_repository": last.repository,
+                        "last_manifest_digest": last.manifest_digest, "last_seen": record.last_seen,
+                        "bytes_kept_out": record.bytes_kept_out,
+                    },
                 )  # fmt: skip
                 connection.executemany(
                     "INSERT INTO outcomes (digest, outcome, count) VALUES (?, ?, ?)",
@@ -521,7 +768,7 @@ class SqliteStore:
                     [(stats.repository, outcome, count, stats.bytes_kept_out if index == 0 else 0)
                      for index, (outcome, count) in enumerate(stats.outcomes.items())],
                 )  # fmt: skip
-            return None, bool(records)
+            return None, [record.layer.digest for record in records]
 
         await self._write(write_records)
 
@@ -536,11 +783,7 @@ class SqliteStore:
         await self._run(copy)
 
     async def generation(self) -> int:
-        def select_generation(connection: sqlite3.Connection) -> int:
-            row = connection.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
-            return int(row[0])
-
-        return await self._run(select_generation)
+        return await self._run(lambda connection: _meta(connection, "generation"))
 
     async def record_upload(self, repository: str, digest: str, ttl_seconds: float) -> None:
         now = self._clock()
@@ -559,20 +802,33 @@ class SqliteStore:
         await self._transaction(upsert_upload)
 
     async def recent_uploads(self, repository: str, digests: Iterable[str]) -> set[str]:
+        return await self._uploads(repository, digests, "SELECT digest FROM uploads", self._run)
+
+    async def claim_uploads(self, repository: str, digests: Iterable[str]) -> set[str]:
+        return await self._uploads(repository, digests, "DELETE FROM uploads", self._transaction, " RETURNING digest")
+
+    async def _uploads(
+        self,
+        repository: str,
+        digests: Iterable[str],
+        statement: str,
+        run: Callable[[Callable[[sqlite3.Connection], set[str]]], Awaitable[set[str]]],
+        returning: str = "",
+    ) -> set[str]:
         now = self._clock()
         wanted = json.dumps(list(dict.fromkeys(digests)))
 
         def select_uploads(connection: sqlite3.Connection) -> set[str]:
             rows = connection.execute(
-                """
-                SELECT digest FROM uploads
-                WHERE repository = ? AND expires_at > ? AND digest IN (SELECT value FROM json_each(?))
+                f"""
+                {statement}
+                WHERE repository = ? AND expires_at > ? AND digest IN (SELECT value FROM json_each(?)){returning}
                 """,
                 (repository, now, wanted),
             )
-            return {row[0] for row in rows}
+            return {row[0] for row in rows.fetchall()}
 
-        return await self._run(select_uploads)
+        return await run(select_uploads)
 
     async def close(self) -> None:
         await asyncio.to_thread(self._close)
@@ -580,19 +836,41 @@ class SqliteStore:
     async def _run(self, operation: Callable[[sqlite3.Connection], Result]) -> Result:
         return await asyncio.to_thread(self._call, operation)
 
+    async def _read(self, operation: Callable[[sqlite3.Connection], Result]) -> Result:
+        """`operation` in one read transaction: its queries see one state of the file."""
+
+        def read(connection: sqlite3.Connection) -> Result:
+            connection.execute("BEGIN")
+            try:
+                return operation(connection)
+            finally:
+                connection.execute("COMMIT")
+
+        return await self._run(read)
+
     async def _transaction(self, work: Callable[[sqlite3.Connection], Result]) -> Result:
         return await self._run(lambda connection: _in_transaction(connection, work))
 
-    async def _write(self, change: Callable[[sqlite3.Connection], tuple[Result, bool]]) -> Result:
-        """`change` also tells whether `known()` answers differently now: only then the generation moves."""
+    async def _write(self, change: Callable[[sqlite3.Connection], tuple[Result, list[str]]]) -> Result:
+        """`change` also tells which digests `snapshot()` answers differently for now: only then the
+        generation moves, and the change is recorded for other processes to follow."""
 
-        def change_and_bump_generation(connection: sqlite3.Connection) -> Result:
-            result, moved = change(connection)
-            if moved:
-                connection.execute(BUMP_GENERATION)
+        def change_and_record(connection: sqlite3.Connection) -> Result:
+            result, changed = change(connection)
+            if changed:
+                generation = _meta(connection, "generation") + 1
+                connection.execute("UPDATE meta SET value = ? WHERE key = 'generation'", (generation,))
+                connection.executemany(
+                    "INSERT OR IGNORE INTO changes (generation, digest) VALUES (?, ?)",
+                    ((generation, digest) for digest in changed),
+                )
+                if generation % 1000 == 0 or self._changes_kept < 1000:
+                    history_from = max(0, generation - self._changes_kept)
+                    connection.execute("DELETE FROM changes WHERE generation <= ?", (history_from,))
+                    connection.execute("UPDATE meta SET value = ? WHERE key = 'history_from'", (history_from,))
             return result
 
-        return await self._transaction(change_and_bump_generation)
+        return await self._transaction(change_and_record)
 
     def _call(self, operation: Callable[[sqlite3.Connection], Result]) -> Result:
         with self._lock, self._backend_errors():
@@ -673,6 +951,12 @@ class SqliteStore:
                 return
             for statement in SCHEMA:
                 connection.execute(statement)
+            columns = {row[1] for row in connection.execute("PRAGMA table_info(foreign_layers)")}
+            for name, kind in ADDED_COLUMNS.items():
+                if name not in columns:
+                    connection.execute(f"ALTER TABLE foreign_layers ADD COLUMN {name} {kind}")
+            connection.execute(BACKFILL_TEACHINGS)
+            connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
         _in_transaction(connection, create_schema)
 
@@ -711,9 +995,37 @@ def _in_transaction(connection: sqlite3.Connection, work: Callable[[sqlite3.Conn
     return result
 
 
+def _meta(connection: sqlite3.Connection, key: str) -> int:
+    row = connection.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return int(row[0]) if row is not None else 0
+
+
+def _delete_layer(connection: sqlite3.Connection, digest: str) -> bool:
+    if not connection.execute("DELETE FROM foreign_layers WHERE digest = ?", (digest,)).rowcount:
+        return False
+    connection.execute("DELETE FROM outcomes WHERE digest = ?", (digest,))
+    return True
+
+
+def _layer_values(layer: ForeignLayer, teachings: Sequence[Teaching]) -> dict[str, object]:
+    return {
+        "digest": layer.digest,
+        "media_type": layer.media_type,
+        "size": layer.size,
+        "urls": json.dumps(list(layer.urls)),
+        "diff_id": layer.diff_id,
+        "teachings": encode_teachings(teachings),
+        "reach": encode_reach(reach_of(teachings)),
+    }
+
+
+def _urls(text: str) -> tuple[str, ...]:
+    return () if text == NO_URLS else tuple(json.loads(text))
+
+
 def _layer(row: Sequence[Any]) -> ForeignLayer:
     digest, media_type, size, urls, diff_id = row[:5]
-    return ForeignLayer(digest, media_type, size, tuple(json.loads(urls)), diff_id)
+    return ForeignLayer(digest, media_type, size, _urls(urls), diff_id)
 
 
 def _record(rows: Sequence[Sequence[Any]]) -> ForeignRecord:
@@ -725,6 +1037,7 @@ def _record(rows: Sequence[Sequence[Any]]) -> ForeignRecord:
         last_sighting=Sighting(*first[9:12]),
         first_seen=first[8],
         last_seen=first[12],
-        outcomes={row[14]: row[15] for row in rows if row[14] is not None},
+        outcomes={row[15]: row[16] for row in rows if row[15] is not None},
         bytes_kept_out=first[13],
+        teachings=decode_teachings(first[14]),
     )

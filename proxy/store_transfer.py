@@ -13,6 +13,7 @@ from typing import Any
 
 from proxy.manifests import ForeignLayer, is_digest
 from proxy.store import ForeignRecord, ForeignStore, RepositoryStats, Sighting
+from proxy.trust import EVERYWHERE, Teaching
 
 FORMAT = "foreign-layer-proxy-store"
 VERSION = 1
@@ -72,16 +73,23 @@ def _record(document: dict[str, Any]) -> ForeignRecord:
     layer = document["layer"]
     if not is_digest(layer["digest"]):
         raise ValueError(f"not a digest: {str(layer['digest'])[:80]!r}")
+    first_sighting, first_seen = Sighting(**document["first_sighting"]), float(document["first_seen"])
+    # An export written before teachings were recorded: taught everywhere by its first sighting, as a store upgrades it.
+    teachings = tuple(Teaching(**teaching) for teaching in document.get("teachings", ())) or (
+        Teaching(first_sighting.repository, first_sighting.source, first_sighting.manifest_digest, EVERYWHERE,
+                 taught_at=first_seen),
+    )  # fmt: skip
     return ForeignRecord(
         layer=ForeignLayer(
             str(layer["digest"]), str(layer["media_type"]), int(layer["size"]), tuple(layer["urls"]), layer["diff_id"]
         ),
-        first_sighting=Sighting(**document["first_sighting"]),
+        first_sighting=first_sighting,
         last_sighting=Sighting(**document["last_sighting"]),
-        first_seen=float(document["first_seen"]),
+        first_seen=first_seen,
         last_seen=float(document["last_seen"]),
         outcomes=_counts(document["outcomes"]),
         bytes_kept_out=int(document["bytes_kept_out"]),
+        teachings=teachings,
     )
 
 

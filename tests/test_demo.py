@@ -28,4 +28,4 @@ def test_the_demo_tells_the_story() -> None:
     stored = re.findall(r"^   (sha256:[0-9a-f]{12})  \w+$", output, re.MULTILINE)
     assert stored and not set(stored) & set(dropped)
     assert re.search(r'foreign_layer_proxy_decisions_total\{action="dropped",rule="default"\} +0 -> 2$', output, re.MULTILINE)
-    assert output.count("application/vnd.docker.image.rootfs.foreign.diff.tar.gzip / windows/base") == 2
+    assert output.count("application/vnd.docker.image.rootfs.foreign.diff.tar.gzip  windows/base (manifest-put") == 2

@@ -42,6 +42,7 @@ from proxy.store_redis import (
     RedisStore,
     parse_redis_url,
 )
+from proxy.trust import EVERYWHERE, Teaching
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 FOREIGN_GZIP = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
@@ -234,7 +235,8 @@ async def test_a_forgotten_layer_learned_again_starts_a_fresh_record(store: Fore
 
     assert await store.learn([layer(1)], Sighting("manifest-put")) == [layer(1)]
     assert await store.records() == [
-        ForeignRecord(layer(1), Sighting("manifest-put"), Sighting("manifest-put"), START + 5, START + 5, {}, 0)
+        ForeignRecord(layer(1), Sighting("manifest-put"), Sighting("manifest-put"), START + 5, START + 5, {}, 0,
+                      (Teaching(None, "manifest-put", None, EVERYWHERE, False, START + 5),))
     ]
 
 
@@ -476,6 +478,7 @@ def apply_to_model(model: dict[str, ForeignLayer], operation: Learn | Forget) ->
         else:
             model[learned.digest] = replace(
                 known,
+                size=known.size or learned.size,
                 urls=known.urls or learned.urls,
                 diff_id=learned.diff_id if known.diff_id is None else known.diff_id,
             )
