@@ -15,6 +15,7 @@ from yarl import URL
 from proxy.cleanup import Cleaner
 from proxy.config import Settings
 from proxy.errors import (
+    AMBIGUOUS_PUSH,
     FOREIGN_LAYER_DENIED,
     FOREIGN_LAYER_MISUSED,
     FORM_ENCODED_PUSH,
@@ -54,6 +55,12 @@ from proxy.manifests import (
 )
 from proxy.metrics import Metrics
 from proxy.policy import Action, Decision, ManifestReview, review_manifest
+from proxy.pushes import (
+    form_body_refusal,
+    names_blobs,
+    read_push,
+    registry_parses_digest,
+)
 from proxy.routes import RouteKind, RouteMatch, split_query_parameter, with_query_items
 from proxy.store import Sighting
 
@@ -63,14 +70,7 @@ REQUEST_ID = web.RequestKey("request_id", str)
 ROUTE = web.RequestKey("route", RouteMatch)
 DECISION = web.RequestKey("decision", Decision)
 
-# Query parameters through which a push names the blob it writes, per route.
-PUSH_DIGEST_PARAMETERS: dict[RouteKind, tuple[str, ...]] = {
-    RouteKind.UPLOAD_START: ("digest", "mount"),
-    RouteKind.UPLOAD_SESSION: ("digest",),
-}
 MANIFEST_CONTENT_TYPES = IMAGE_MANIFEST_TYPES | INDEX_TYPES
-# The registry (Go's FormValue) also reads `digest`, `mount` and `from` from bodies of these types.
-FORM_MEDIA_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data"})
 SEEN_MANIFESTS_CAPACITY = 8192
 
 
@@ -135,7 +135,7 @@ class Gateway:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         route = request[ROUTE]
-        if route.kind in PUSH_DIGEST_PARAMETERS and request.method in {"POST", "PUT"}:
+        if names_blobs(route.kind, request.method):
             self.refuse_unverifiable_push(request, route)
         decision = self.decide(request, route)
         if decision is None and self.settings.policy.inspect_content and route.kind is RouteKind.UPLOAD_SESSION:
@@ -149,14 +149,20 @@ class Gateway:
         return self.remember_upload(request, route, await self.forward(request))
 
     def refuse_unverifiable_push(self, request: web.Request, route: RouteMatch) -> None:
-        """Pushes whose blob the gateway could not recognise: named in a form body (which the registry reads
-        too), or by a digest of another algorithm than the sha256 foreign layers are known by."""
-        if request.content_type in FORM_MEDIA_TYPES:
-            raise GatewayError(FORM_ENCODED_PUSH)
-        inspected_here = self.settings.policy.inspect_content and route.kind is RouteKind.UPLOAD_SESSION
-        if inspected_here or route.repository is None or not self.policy.rule_for(route.repository)[1].blocks:
+        """Pushes whose blob the gateway could not recognise: with a body the registry could read as a form (decided
+        as Go decides), named ambiguously, or by a digest of another algorithm than the sha256 foreign layers are
+        known by."""
+        content_types = [value for name, value in request.raw_headers if name.lower() == b"content-type"]
+        if (reason := form_body_refusal(request.method, content_types)) is not None:
+            raise GatewayError(FORM_ENCODED_PUSH, f"{FORM_ENCODED_PUSH.message} (got {reason})")
+        if route.repository is None or not self.policy.rule_for(route.repository)[1].blocks:
             return
-        other = [d for d in self.pushed_digests(request, route.kind) if not d.startswith("sha256:")]
+        reading = read_push(route.kind, request.method, request.raw_path)
+        if reading.ambiguous is not None:
+            raise GatewayError(AMBIGUOUS_PUSH, f"{AMBIGUOUS_PUSH.message} (got {reading.ambiguous})")
+        if self.settings.policy.inspect_content and route.kind is RouteKind.UPLOAD_SESSION:
+            return
+        other = [d for d in reading.digests if registry_parses_digest(d) and not d.startswith("sha256:")]
         if other:
             raise GatewayError(UNVERIFIABLE_DIGEST, f"{UNVERIFIABLE_DIGEST.message} (got {other[0][:20]}...)")
 
@@ -169,8 +175,8 @@ class Gateway:
 
     def remember_upload(self, request: web.Request, route: RouteMatch, response: web.StreamResponse) -> web.StreamResponse:
         """Completed uploads are remembered for a while, for leak detection at manifest time."""
-        if response.status == 201 and route.repository and route.kind in PUSH_DIGEST_PARAMETERS:
-            for digest in self.pushed_digests(request, route.kind):
+        if response.status == 201 and route.repository and names_blobs(route.kind, request.method):
+            for digest in self.pushed_digests(request, route):
                 self.known.record_upload(route.repository, digest, self.settings.policy.leak_window)
         return response
 
@@ -184,7 +190,7 @@ class Gateway:
             body = inspected(self.client_body(request), inspector)
             async with self.upstream.open("PATCH", request.raw_path, self.upstream_headers(request), body) as upstream:
                 return await self.respond(request, upstream, None)
-        digests = self.pushed_digests(request, route.kind) if request.method == "PUT" else []
+        digests = self.pushed_digests(request, route) if request.method == "PUT" else []
         if not digests or route.repository is None:
             return await self.forward(request)
         inspector = self.inspections.finish(session) or LayerInspector()
@@ -222,15 +228,16 @@ class Gateway:
             return None
         if request.method == "HEAD" and route.kind is RouteKind.BLOB and self.settings.policy.pretend_present:
             digests: list[str] = [route.reference] if route.reference else []
-        elif request.method in {"POST", "PUT"} and route.kind in PUSH_DIGEST_PARAMETERS:
-            digests = self.pushed_digests(request, route.kind)
+        elif names_blobs(route.kind, request.method):
+            digests = self.pushed_digests(request, route)
         else:
             return None
         return self.policy.decide(route.repository, digests, self.known.layers, self.known.diff_ids)
 
     @staticmethod
-    def pushed_digests(request: web.Request, kind: RouteKind) -> list[str]:
-        return [value for name in PUSH_DIGEST_PARAMETERS[kind] for value in request.query.getall(name, ())]
+    def pushed_digests(request: web.Request, route: RouteMatch) -> list[str]:
+        """The blobs the registry would commit or mount for this request (proxy.pushes' table)."""
+        return read_push(route.kind, request.method, request.raw_path).digests
 
     def record(self, request: web.Request, decision: Decision) -> None:
         log_event(
