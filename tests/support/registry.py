@@ -93,6 +93,9 @@ class Registry(Service):
         """Whether the storage holds the blob's data or links it into the repository."""
         return self.blob_data_path(digest).exists() or self.layer_link_path(repository, digest).exists()
 
+    def links(self, repository: str, digest: str) -> bool:
+        return self.layer_link_path(repository, digest).exists()
+
     def start(self, timeout: float = 30.0) -> None:
         self.process.start()
         self.process.wait_until(self._answers, timeout=timeout, what="answer on /v2/")
