@@ -25,6 +25,7 @@ from proxy.forwarding import (
 )
 from proxy.gateway import DECISION, REQUEST_ID, ROUTE, Gateway, no_automatic_continue
 from proxy.known import KnownForeign
+from proxy.limits import Connections, UpstreamSlots
 from proxy.logs import log_event, redacted_query
 from proxy.manifests import ForeignLayer, digest_lines, is_digest
 from proxy.metrics import Metrics, route_label
@@ -85,6 +86,8 @@ class RequestIds:
 IN_FLIGHT = web.AppKey("in_flight", InFlight)
 REQUEST_IDS = web.AppKey("request_ids", RequestIds)
 METRICS = web.AppKey("metrics", Metrics)
+CONNECTIONS = web.AppKey("connections", Connections)
+UPSTREAM_SLOTS = web.AppKey("upstream_slots", UpstreamSlots)
 METRIC_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 def read_digest_files(paths: tuple[Path, ...]) -> dict[str, ForeignLayer]:
@@ -118,6 +121,8 @@ async def exchange(
         uploads.inc()
     response: web.StreamResponse | None = None
     status = 0
+    connections = request.app[CONNECTIONS]
+    connections.enter(request.protocol)
     try:
         if request.method == "CONNECT" or not request.raw_path.startswith("/"):
             raise GatewayError(NOT_A_FORWARD_PROXY)
@@ -138,6 +143,7 @@ async def exchange(
             request.transport.close()
         raise
     finally:
+        connections.leave(request.protocol)
         in_flight.leave()
         if uploads is not None:
             uploads.dec()
@@ -218,7 +224,9 @@ async def upstream_context(app: web.Application) -> AsyncIterator[None]:
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
-    return await request.app[GATEWAY].handle(request)
+    gateway = request.app[GATEWAY]
+    async with request.app[UPSTREAM_SLOTS].hold(gateway.client_view(request).address):
+        return await gateway.handle(request)
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -227,6 +235,10 @@ def create_app(settings: Settings) -> web.Application:
     app[IN_FLIGHT] = InFlight()
     app[REQUEST_IDS] = RequestIds()
     app[METRICS] = Metrics()
+    app[CONNECTIONS] = Connections(settings.server.max_connections)
+    upstream = settings.upstream
+    app[UPSTREAM_SLOTS] = UpstreamSlots(upstream.max_connections, upstream.max_connections_per_client,
+                                        upstream.queue_timeout)  # fmt: skip
     app.cleanup_ctx.extend([store_context, known_context, upstream_context])
     app.router.add_route("*", "/{tail:.*}", dispatch, expect_handler=no_automatic_continue)
     return app
@@ -251,4 +263,7 @@ def runner_for(app: web.Application, settings: Settings) -> web.AppRunner:
         read_bufsize=STREAM_BUFFER_BYTES,
         keepalive_timeout=settings.server.idle_timeout,
         shutdown_timeout=settings.server.shutdown_timeout,
+        max_line_size=settings.server.max_line_size,
+        max_field_size=settings.server.max_field_size,
+        max_headers=settings.server.max_headers,
     )

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import signal
-import ssl
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -19,6 +18,7 @@ from aiohttp import web
 
 from proxy.admin import create_admin_app
 from proxy.app import (
+    CONNECTIONS,
     GATEWAY,
     IN_FLIGHT,
     KNOWN,
@@ -29,6 +29,7 @@ from proxy.app import (
     server_ssl_context,
 )
 from proxy.config import Address, ConfigError, Settings, load_settings, state_dir
+from proxy.limits import BudgetedSite, raise_open_file_limit
 from proxy.logs import configure_logging, log_event
 from proxy.manifests import ForeignClassifier, is_digest
 from proxy.policy import Action
@@ -44,6 +45,7 @@ from proxy.sources import (
 from proxy.store import ForeignStore, RepositoryStats, StoreError, open_store
 
 logger = logging.getLogger("foreign_layer_proxy")
+SiteFactory = Callable[[web.AppRunner, str, int], web.BaseSite]
 PROGRAM = "foreign-layer-proxy"
 STATS_OUTCOMES = ("dropped", "rejected", "leaked", "audited")
 BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
@@ -120,10 +122,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, overrides)
 
 
-async def start_site(runner: web.AppRunner, address: Address, setting: str, context: ssl.SSLContext | None = None) -> None:
+async def start_site(runner: web.AppRunner, address: Address, setting: str, make_site: SiteFactory = web.TCPSite) -> None:
     await runner.setup()
     try:
-        await web.TCPSite(runner, address.host, address.port, ssl_context=context, reuse_address=True).start()
+        await make_site(runner, address.host, address.port).start()
     except OSError as error:
         await runner.cleanup()
         raise ConfigError(f"{setting}: cannot listen on {address}: {error.strerror}") from None
@@ -150,9 +152,12 @@ def reload(app: web.Application, load: Callable[[], Settings]) -> None:
 
 async def serve(load: Callable[[], Settings]) -> None:
     settings = load()
+    open_files = raise_open_file_limit()
     app = create_app(settings)
     runner = runner_for(app, settings)
-    await start_site(runner, settings.server.listen, "server.listen", server_ssl_context(settings))
+    context = server_ssl_context(settings)
+    await start_site(runner, settings.server.listen, "server.listen",
+                     lambda runner, host, port: BudgetedSite(runner, host, port, app[CONNECTIONS], ssl_context=context))
     admin_runner = web.AppRunner(create_admin_app(app), access_log=None, handle_signals=False)
     try:
         await start_site(admin_runner, settings.admin.listen, "admin.listen")
@@ -160,7 +165,8 @@ async def serve(load: Callable[[], Settings]) -> None:
         await runner.cleanup()
         raise
     log_event(logger, logging.INFO, "listening", address=str(settings.server.listen), admin=str(settings.admin.listen),
-              upstream=str(settings.upstream.url), tls=settings.server.tls_cert is not None)
+              upstream=str(settings.upstream.url), tls=settings.server.tls_cert is not None, open_files=open_files,
+              max_connections=settings.server.max_connections)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
+from typing import TypeVar
 
 from aiohttp import ClientResponse, HttpVersion11, web
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -31,8 +32,9 @@ from proxy.forwarding import (
     relay_body,
 )
 from proxy.headers import (
+    ClientView,
     Origins,
-    client_scheme_and_host,
+    client_view,
     downstream_response_headers,
     origin,
     upstream_request_headers,
@@ -40,6 +42,7 @@ from proxy.headers import (
 )
 from proxy.inspection import LayerInspector, UploadInspections, inspected
 from proxy.known import KnownForeign
+from proxy.limits import DeadlineResponse, MemoryBudget, at_least
 from proxy.logs import log_event
 from proxy.manifests import (
     IMAGE_MANIFEST_TYPES,
@@ -58,10 +61,12 @@ from proxy.routes import RouteKind, RouteMatch, split_query_parameter, with_quer
 from proxy.store import Sighting
 
 logger = logging.getLogger("foreign_layer_proxy.gateway")
+T = TypeVar("T")
 
 REQUEST_ID = web.RequestKey("request_id", str)
 ROUTE = web.RequestKey("route", RouteMatch)
 DECISION = web.RequestKey("decision", Decision)
+CLIENT = web.RequestKey("client", ClientView)
 
 # Query parameters through which a push names the blob it writes, per route.
 PUSH_DIGEST_PARAMETERS: dict[RouteKind, tuple[str, ...]] = {
@@ -72,6 +77,9 @@ MANIFEST_CONTENT_TYPES = IMAGE_MANIFEST_TYPES | INDEX_TYPES
 # The registry (Go's FormValue) also reads `digest`, `mount` and `from` from bodies of these types.
 FORM_MEDIA_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data"})
 SEEN_MANIFESTS_CAPACITY = 8192
+CONFIG_CACHE_CAPACITY = 4096
+# Manifests and configs larger than this are parsed in a worker thread, not on the event loop.
+PARSE_OFF_LOOP_BYTES = 64 * 1024
 
 
 class SeenManifests:
@@ -89,6 +97,33 @@ class SeenManifests:
         self._digests.move_to_end(digest)
         if len(self._digests) > self.capacity:
             self._digests.popitem(last=False)
+
+
+class ConfigDiffIds:
+    """Image configs' diff_ids by config digest: content-addressed, so an entry never goes stale."""
+
+    def __init__(self, capacity: int = CONFIG_CACHE_CAPACITY):
+        self.capacity = capacity
+        self._entries: OrderedDict[str, tuple[str, ...]] = OrderedDict()
+
+    def get(self, digest: str) -> tuple[str, ...] | None:
+        diff_ids = self._entries.get(digest)
+        if diff_ids is not None:
+            self._entries.move_to_end(digest)
+        return diff_ids
+
+    def put(self, digest: str, diff_ids: tuple[str, ...]) -> None:
+        self._entries[digest] = diff_ids
+        self._entries.move_to_end(digest)
+        if len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+
+async def off_loop_if_large(parse: Callable[[bytes], T], body: bytes) -> T:
+    """`parse(body)`, in a worker thread when the body is large enough to stall other clients."""
+    if len(body) > PARSE_OFF_LOOP_BYTES:
+        return await asyncio.to_thread(parse, body)
+    return parse(body)
 
 
 def expects_continue(request: web.Request) -> bool:
@@ -124,6 +159,8 @@ class Gateway:
         self.cleaner = cleaner
         self.inspections = UploadInspections(settings.policy.leak_window)
         self.seen_manifests = SeenManifests()
+        self.config_diff_ids = ConfigDiffIds()
+        self.manifest_memory = MemoryBudget(settings.server.manifest_memory)
         self.settings = settings
         self.policy = settings.policy.policy
         self.classifier = ForeignClassifier(settings.foreign.all_media_types, settings.foreign.urls_mark_foreign)
@@ -304,19 +341,29 @@ class Gateway:
 
     # Pass-through
 
+    def client_view(self, request: web.Request) -> ClientView:
+        """Who the client is and how it addressed the gateway, worked out once per request."""
+        view = request.get(CLIENT)
+        if view is None:
+            view = request[CLIENT] = client_view(
+                request.headers, request.remote, "https" if request.secure else "http", self.upstream.authority,
+                self.settings.forwarded.trusted_proxies,
+            )  # fmt: skip
+        return view
+
     def origins(self, request: web.Request) -> Origins:
-        own_scheme = "https" if request.secure else "http"
-        scheme, host = client_scheme_and_host(request.headers, own_scheme, self.upstream.authority)
-        return Origins(upstream=self.upstream_origin, client=origin(scheme, host))
+        view = self.client_view(request)
+        return Origins(upstream=self.upstream_origin, client=origin(view.scheme, view.host))
 
     def client_body(self, request: web.Request) -> AsyncIterator[bytes]:
-        return client_body(request.content, self.settings.server.idle_timeout)
+        server = self.settings.server
+        return at_least(client_body(request.content, server.idle_timeout), server.min_body_rate, server.body_rate_window)
 
     def upstream_headers(self, request: web.Request) -> CIMultiDict[str]:
         return upstream_request_headers(
             request.headers,
             settings=self.settings.forwarded,
-            client_address=request.remote,
+            view=self.client_view(request),
             own_scheme="https" if request.secure else "http",
             upstream_authority=None if self.settings.upstream.pass_host else self.upstream.authority,
             request_id=request[REQUEST_ID],
@@ -330,6 +377,13 @@ class Gateway:
             return await self.respond(request, upstream, None)
 
     async def forward_manifest_put(self, request: web.Request, route: RouteMatch) -> web.StreamResponse:
+        declared = request.content_length
+        if declared is not None and declared > MAX_MANIFEST_BYTES:
+            raise GatewayError(MANIFEST_TOO_LARGE, f"manifest larger than {MAX_MANIFEST_BYTES} bytes")
+        with self.manifest_memory.reserve(MAX_MANIFEST_BYTES if declared is None else declared):
+            return await self.forward_buffered_manifest_put(request, route)
+
+    async def forward_buffered_manifest_put(self, request: web.Request, route: RouteMatch) -> web.StreamResponse:
         await send_continue(request)
         try:
             async with asyncio.timeout(self.settings.server.idle_timeout):
@@ -361,20 +415,24 @@ class Gateway:
             return await self.respond(request, upstream, await self.explained_refusal(upstream, review))
 
     async def forward_manifest_get(self, request: web.Request, route: RouteMatch) -> web.StreamResponse:
-        async with self.upstream.open("GET", request.raw_path, self.upstream_headers(request)) as upstream:
+        if request.body_exists:  # odd, but the registry is told a body comes: it must come
+            await send_continue(request)
+        body = self.client_body(request) if request.body_exists else None
+        async with self.upstream.open("GET", request.raw_path, self.upstream_headers(request), body) as upstream:
             if not self.worth_learning_from(upstream.status, upstream.headers) or route.repository is None:
                 return await self.respond(request, upstream, None)
-            body = await read_capped(upstream.content, MAX_MANIFEST_BYTES)
-            if body is None:
-                raise GatewayError(MANIFEST_TOO_LARGE, "upstream manifest larger than 4 MiB")
-            manifest_digest = sha256_digest(body)
-            self.seen_manifests.add(manifest_digest)
-            review = await self.review(
-                request, route.repository, body, upstream.content_type, check=False, pushed=False
-            )
-            if review is not None:
-                self.learn(review, "manifest-get", manifest_digest)
-            return await self.respond(request, upstream, body)
+            with self.manifest_memory.reserve(upstream.content_length or MAX_MANIFEST_BYTES):
+                manifest = await read_capped(upstream.content, MAX_MANIFEST_BYTES)
+                if manifest is None:
+                    raise GatewayError(MANIFEST_TOO_LARGE, "upstream manifest larger than 4 MiB")
+                manifest_digest = sha256_digest(manifest)
+                self.seen_manifests.add(manifest_digest)
+                review = await self.review(
+                    request, route.repository, manifest, upstream.content_type, check=False, pushed=False
+                )
+                if review is not None:
+                    self.learn(review, "manifest-get", manifest_digest)
+                return await self.respond(request, upstream, manifest)
 
     # Manifests
 
@@ -383,7 +441,7 @@ class Gateway:
     ) -> ManifestReview | None:
         """The policy's view of an image manifest; None for lists, indexes and anything unparsable."""
         try:
-            manifest = parse_manifest(body, content_type)
+            manifest = await off_loop_if_large(lambda raw: parse_manifest(raw, content_type), body)
         except ManifestError:
             return None
         if manifest.is_index or manifest.config is None:
@@ -401,17 +459,23 @@ class Gateway:
 
     async def diff_ids(self, request: web.Request, repository: str, config: Descriptor) -> tuple[str, ...]:
         """The image config's layer diff_ids, read through the upstream with the client's own credentials."""
+        cached = self.config_diff_ids.get(config.digest)
+        if cached is not None:
+            return cached
         if config.size > MAX_MANIFEST_BYTES:
             return ()
         headers = without_body_headers(self.upstream_headers(request))
-        try:
-            async with self.upstream.open("GET", f"/v2/{repository}/blobs/{config.digest}", headers) as response:
-                body = await read_capped(response.content, MAX_MANIFEST_BYTES) if response.status == 200 else None
-        except GatewayError:
-            return ()
-        if body is None or sha256_digest(body) != config.digest:
-            return ()
-        return parse_diff_ids(body)
+        with self.manifest_memory.reserve(config.size):
+            try:
+                async with self.upstream.open("GET", f"/v2/{repository}/blobs/{config.digest}", headers) as response:
+                    body = await read_capped(response.content, config.size) if response.status == 200 else None
+            except GatewayError:
+                return ()
+            if body is None or sha256_digest(body) != config.digest:
+                return ()
+            diff_ids = await off_loop_if_large(parse_diff_ids, body)
+        self.config_diff_ids.put(config.digest, diff_ids)
+        return diff_ids
 
     def refusal(self, request: web.Request, review: ManifestReview) -> GatewayError:
         for misuse in review.misuses:
@@ -474,7 +538,8 @@ class Gateway:
 
     async def respond(self, request: web.Request, upstream: ClientResponse, body: bytes | None) -> web.StreamResponse:
         """Send the upstream's answer on: `body` when the gateway already read it, else streamed."""
-        response = web.StreamResponse(
+        response = DeadlineResponse(
+            write_timeout=self.settings.server.write_timeout,
             status=upstream.status,
             reason=upstream.reason,
             headers=downstream_response_headers(

@@ -1,0 +1,278 @@
+"""Budgets and deadlines that keep one client set from taking the gateway down: connections, upstream
+slots per client, memory for buffered manifests, write deadlines and a minimum upload rate."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import resource
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+from aiohttp import web
+
+from proxy.errors import (
+    RETRY_AFTER_SECONDS,
+    SERVER_BUSY,
+    UPSTREAM_BUSY,
+    GatewayError,
+    error_body,
+)
+from proxy.forwarding import StreamAborted
+from proxy.logs import log_event
+
+logger = logging.getLogger("foreign_layer_proxy.limits")
+
+# A refused connection gets this long to send its request head before it is closed unanswered.
+REFUSAL_GRACE_SECONDS = 5.0
+REFUSAL_HEAD_BYTES = 16 * 1024
+
+
+def raise_open_file_limit() -> int:
+    """The soft RLIMIT_NOFILE raised to the hard limit (as Go's runtime does at start); returns the new limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft == hard:
+        return soft
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return hard
+    return soft
+
+
+# Connections -----------------------------------------------------------------------------------------
+
+
+class Connections:
+    """The client connections being served, and which of them have a request in progress.
+
+    At `limit`, a new connection takes the place of the oldest one with no request in progress (idle
+    keep-alive, or still sending its head); when every connection is busy it is answered 503."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._busy: set[object] = set()
+        self.refused = 0
+        self.evicted = 0
+
+    def enter(self, protocol: object) -> None:
+        self._busy.add(protocol)
+
+    def leave(self, protocol: object) -> None:
+        self._busy.discard(protocol)
+
+    def factory(self, server: web.Server) -> Callable[[], Any]:
+        def make() -> Any:
+            connections = server.connections
+            if len(connections) < self.limit:
+                return server()
+            idle = next((handler for handler in connections if handler not in self._busy), None)
+            if idle is None:
+                self.refused += 1
+                return Refusal()
+            self.evicted += 1
+            idle.force_close()
+            return server()
+
+        return make
+
+
+REFUSAL_ANSWER = (
+    b"HTTP/1.1 503 Service Unavailable\r\n"
+    b"Content-Type: application/json\r\n"
+    b"Retry-After: %d\r\n"
+    b"Connection: close\r\n"
+    b"Content-Length: %d\r\n\r\n%s"
+)
+
+
+class Refusal(asyncio.Protocol):
+    """A connection over server.max_connections: once its request head is in, it is answered 503 and closed,
+    without a request handler (and its buffers) behind it."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.received = b""
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.timer = asyncio.get_running_loop().call_later(REFUSAL_GRACE_SECONDS, transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.received = (self.received + data)[-REFUSAL_HEAD_BYTES:]
+        if b"\r\n\r\n" in self.received or len(self.received) >= REFUSAL_HEAD_BYTES:
+            body = error_body(SERVER_BUSY.code, SERVER_BUSY.message)
+            self.transport.write(REFUSAL_ANSWER % (RETRY_AFTER_SECONDS, len(body), body))
+            self.transport.close()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.transport = None
+
+
+class BudgetedSite(web.BaseSite):
+    """A TCP listener whose connections go through `Connections` before aiohttp's request handler."""
+
+    __slots__ = ("_connections", "_host", "_port")
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        connections: Connections,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        backlog: int = 1024,
+    ) -> None:
+        super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
+        self._host = host
+        self._port = port
+        self._connections = connections
+
+    @property
+    def name(self) -> str:
+        return f"{'https' if self._ssl_context else 'http'}://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            self._connections.factory(server),
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            reuse_address=True,
+        )
+
+
+# Upstream slots --------------------------------------------------------------------------------------
+
+
+class UpstreamSlots:
+    """Requests that may use the upstream at once: in all (0: no limit, as nginx) and per client address.
+
+    Waiting for a slot is bounded: past `queue_timeout` the client is told to come back (503 + Retry-After)."""
+
+    def __init__(self, total: int, per_client: int, queue_timeout: float) -> None:
+        self._total = asyncio.Semaphore(total) if total else None
+        self._per_client_limit = per_client
+        self._per_client: dict[str, asyncio.Semaphore] = {}
+        self._holders: dict[str, int] = {}
+        self.queue_timeout = queue_timeout
+
+    @contextlib.asynccontextmanager
+    async def hold(self, client: str | None) -> AsyncIterator[None]:
+        key = client or ""
+        own = self._per_client_semaphore(key)
+        async with contextlib.AsyncExitStack() as stack:
+            self._holders[key] = self._holders.get(key, 0) + 1
+            stack.callback(self._forget, key)
+            try:
+                async with asyncio.timeout(self.queue_timeout):
+                    if own is not None:
+                        await stack.enter_async_context(own)
+                    if self._total is not None:
+                        await stack.enter_async_context(self._total)
+            except TimeoutError:
+                raise GatewayError(
+                    UPSTREAM_BUSY, f"no upstream connection free within {self.queue_timeout:g} s"
+                ) from None
+            yield
+
+    def _per_client_semaphore(self, key: str) -> asyncio.Semaphore | None:
+        if not self._per_client_limit:
+            return None
+        semaphore = self._per_client.get(key)
+        if semaphore is None:
+            semaphore = self._per_client[key] = asyncio.Semaphore(self._per_client_limit)
+        return semaphore
+
+    def _forget(self, key: str) -> None:
+        remaining = self._holders[key] - 1
+        if remaining:
+            self._holders[key] = remaining
+        else:
+            del self._holders[key]
+            self._per_client.pop(key, None)
+
+
+# Memory for buffered manifests ----------------------------------------------------------------------
+
+
+class MemoryBudget:
+    """Bytes the gateway may hold in manifests and configs it reads whole; beyond it, 503 + Retry-After."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    @contextlib.contextmanager
+    def reserve(self, size: int) -> Iterator[None]:
+        if self.used + size > self.limit:
+            log_event(logger, logging.WARNING, "memory_budget_used", used=self.used, wanted=size, limit=self.limit)
+            raise GatewayError(SERVER_BUSY, "the gateway's memory budget for manifests is in use, try again")
+        self.used += size
+        try:
+            yield
+        finally:
+            self.used -= size
+
+
+# Deadlines --------------------------------------------------------------------------------------------
+
+
+async def at_least(body: AsyncIterator[bytes], rate: int, window: float) -> AsyncIterator[bytes]:
+    """`body` as it comes, cut off when a window of `window` seconds brings fewer than `rate` bytes a second:
+    a client trickling a few bytes now and then holds an upstream connection for nothing."""
+    if not rate:
+        async for chunk in body:
+            yield chunk
+        return
+    wanted = rate * window
+    window_start = time.monotonic()
+    received = 0
+    async for chunk in body:
+        received += len(chunk)
+        now = time.monotonic()
+        if now - window_start >= window:
+            if received < wanted * (now - window_start) / window:
+                raise StreamAborted(f"client sent {received} bytes in {now - window_start:.0f} s (minimum {rate} B/s)")
+            window_start, received = now, 0
+        yield chunk
+
+
+class DeadlineResponse(web.StreamResponse):
+    """A streamed answer the client must keep reading: a write that cannot go out within `write_timeout`
+    seconds (the client stopped reading, or reads a few bytes now and then) cuts the client off, which
+    frees the upstream connection it was holding."""
+
+    def __init__(self, *, write_timeout: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.write_timeout = write_timeout
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            async with asyncio.timeout(self.write_timeout):
+                await super().write(data)
+        except TimeoutError:
+            raise StreamAborted(f"client read too little for {self.write_timeout:g} s") from None
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        try:
+            async with asyncio.timeout(self.write_timeout):
+                await super().write_eof(data)
+        except TimeoutError:
+            raise StreamAborted(f"client read too little for {self.write_timeout:g} s") from None
