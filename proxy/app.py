@@ -235,7 +235,7 @@ def create_app(settings: Settings) -> web.Application:
     app[IN_FLIGHT] = InFlight()
     app[REQUEST_IDS] = RequestIds()
     app[METRICS] = Metrics()
-    app[CONNECTIONS] = Connections(settings.server.max_connections)
+    app[CONNECTIONS] = Connections(settings.server.max_connections, settings.server.max_head_size)
     upstream = settings.upstream
     app[UPSTREAM_SLOTS] = UpstreamSlots(upstream.max_connections, upstream.max_connections_per_client,
                                         upstream.queue_timeout)  # fmt: skip
@@ -263,7 +263,4 @@ def runner_for(app: web.Application, settings: Settings) -> web.AppRunner:
         read_bufsize=STREAM_BUFFER_BYTES,
         keepalive_timeout=settings.server.idle_timeout,
         shutdown_timeout=settings.server.shutdown_timeout,
-        max_line_size=settings.server.max_line_size,
-        max_field_size=settings.server.max_field_size,
-        max_headers=settings.server.max_headers,
     )

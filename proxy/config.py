@@ -212,9 +212,7 @@ class ServerSettings:
     write_timeout: float = field(default=60.0, metadata=parsed_by(parse_positive_float))
     min_body_rate: int = field(default=1024, metadata=parsed_by(parse_count))
     body_rate_window: float = field(default=20.0, metadata=parsed_by(parse_positive_float))
-    max_line_size: int = field(default=8190, metadata=parsed_by(parse_positive_int))
-    max_field_size: int = field(default=8190, metadata=parsed_by(parse_positive_int))
-    max_headers: int = field(default=64, metadata=parsed_by(parse_positive_int))
+    max_head_size: int = field(default=64 * 1024, metadata=parsed_by(parse_positive_int))
     manifest_memory: int = field(default=64 * 1024 * 1024, metadata=parsed_by(parse_positive_int))
 
 

@@ -10,7 +10,7 @@ import resource
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -49,66 +49,131 @@ class Connections:
     """The client connections being served, and which of them have a request in progress.
 
     At `limit`, a new connection takes the place of the oldest one with no request in progress (idle
-    keep-alive, or still sending its head); when every connection is busy it is answered 503."""
+    keep-alive, or still sending its head); when every connection is busy it is answered 503. A request
+    head longer than `max_head_size` is answered 431 and its connection closed."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, max_head_size: int) -> None:
         self.limit = limit
+        self.max_head_size = max_head_size
         self._busy: set[object] = set()
-        self.refused = 0
-        self.evicted = 0
+        self._counted: dict[object, HeadLimited] = {}
 
-    def enter(self, protocol: object) -> None:
-        self._busy.add(protocol)
+    def enter(self, handler: object) -> None:
+        self._busy.add(handler)
 
-    def leave(self, protocol: object) -> None:
-        self._busy.discard(protocol)
+    def leave(self, handler: object) -> None:
+        self._busy.discard(handler)
+        counted = self._counted.get(handler)
+        if counted is not None:
+            counted.expect_head()
 
-    def factory(self, server: web.Server) -> Callable[[], Any]:
-        def make() -> Any:
+    def factory(self, server: web.Server) -> Callable[[], asyncio.Protocol]:
+        def make() -> asyncio.Protocol:
             connections = server.connections
-            if len(connections) < self.limit:
-                return server()
-            idle = next((handler for handler in connections if handler not in self._busy), None)
-            if idle is None:
-                self.refused += 1
-                return Refusal()
-            self.evicted += 1
-            idle.force_close()
-            return server()
+            if len(connections) >= self.limit:
+                idle = next((handler for handler in connections if handler not in self._busy), None)
+                if idle is None:
+                    return Refusal(SERVER_BUSY_ANSWER)
+                idle.force_close()
+            handler = server()
+            counted = self._counted[handler] = HeadLimited(handler, self)
+            return counted
 
         return make
 
+    def forget(self, handler: object) -> None:
+        self._busy.discard(handler)
+        self._counted.pop(handler, None)
 
-REFUSAL_ANSWER = (
-    b"HTTP/1.1 503 Service Unavailable\r\n"
-    b"Content-Type: application/json\r\n"
-    b"Retry-After: %d\r\n"
-    b"Connection: close\r\n"
-    b"Content-Length: %d\r\n\r\n%s"
+
+def canned_answer(status_line: bytes, code: str, message: str) -> bytes:
+    body = error_body(code, message)
+    return (
+        b"HTTP/1.1 " + status_line + b"\r\n"
+        b"Content-Type: application/json\r\n"
+        b"Retry-After: %d\r\n"
+        b"Connection: close\r\n"
+        b"Content-Length: %d\r\n\r\n%s"
+    ) % (RETRY_AFTER_SECONDS, len(body), body)
+
+
+SERVER_BUSY_ANSWER = canned_answer(b"503 Service Unavailable", SERVER_BUSY.code, SERVER_BUSY.message)
+HEAD_TOO_LARGE_ANSWER = canned_answer(
+    b"431 Request Header Fields Too Large", "SIZE_INVALID", "request head too large for a registry request"
 )
+HEAD_END = b"\r\n\r\n"
+
+
+class HeadLimited(asyncio.Protocol):
+    """aiohttp's request handler behind a count of request-head bytes: aiohttp bounds each header line, not
+    the head, so a hundred unfinished heads could otherwise hold a MiB each."""
+
+    def __init__(self, handler: web.RequestHandler, connections: Connections) -> None:
+        self.handler = handler
+        self.connections = connections
+        self.transport: asyncio.Transport | None = None
+        self.head_bytes: int | None = 0  # None: the head is in, the body (if any) is not counted
+        self.tail = b""
+
+    def expect_head(self) -> None:
+        self.head_bytes, self.tail = 0, b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio.Transport
+        self.handler.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport is None:
+            return
+        if self.head_bytes is not None:
+            end = (self.tail + data).find(HEAD_END)
+            counted = len(data) if end == -1 else end - len(self.tail)
+            self.head_bytes += counted
+            if self.head_bytes > self.connections.max_head_size:
+                self.transport.write(HEAD_TOO_LARGE_ANSWER)
+                self.transport.close()
+                self.transport = None
+                return
+            if end == -1:
+                self.tail = data[-3:]
+            else:
+                self.head_bytes = None
+        self.handler.data_received(data)
+
+    def eof_received(self) -> None:
+        self.handler.eof_received()
+
+    def pause_writing(self) -> None:
+        self.handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.handler.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.connections.forget(self.handler)
+        self.handler.connection_lost(exc)
 
 
 class Refusal(asyncio.Protocol):
     """A connection over server.max_connections: once its request head is in, it is answered 503 and closed,
     without a request handler (and its buffers) behind it."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer: bytes) -> None:
+        self.answer = answer
         self.transport: asyncio.Transport | None = None
         self.received = b""
         self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self.timer = asyncio.get_running_loop().call_later(REFUSAL_GRACE_SECONDS, transport.abort)
+        self.transport = cast(asyncio.Transport, transport)
+        self.timer = asyncio.get_running_loop().call_later(REFUSAL_GRACE_SECONDS, self.transport.abort)
 
     def data_received(self, data: bytes) -> None:
         if self.transport is None or self.transport.is_closing():
             return
         self.received = (self.received + data)[-REFUSAL_HEAD_BYTES:]
-        if b"\r\n\r\n" in self.received or len(self.received) >= REFUSAL_HEAD_BYTES:
-            body = error_body(SERVER_BUSY.code, SERVER_BUSY.message)
-            self.transport.write(REFUSAL_ANSWER % (RETRY_AFTER_SECONDS, len(body), body))
+        if HEAD_END in self.received or len(self.received) >= REFUSAL_HEAD_BYTES:
+            self.transport.write(self.answer)
             self.transport.close()
 
     def eof_received(self) -> bool:

@@ -181,7 +181,7 @@ class Nginx(Service):
         self.config_path = workdir / "nginx.conf"
         user = "user root;\n" if os.geteuid() == 0 else ""
         self.config_path.write_text(NGINX_MAIN_CONFIG.format(user=user, workdir=workdir, site=site_path))
-        command = ["nginx", "-c", self.config_path, "-p", workdir, "-e", workdir / "nginx-error.log"]
+        command: list[str | Path] = ["nginx", "-c", self.config_path, "-p", workdir, "-e", workdir / "nginx-error.log"]
         self.check = [*command, "-t", "-q"]
         self.process = ManagedProcess(command, log_path=workdir / "nginx.log")
 
