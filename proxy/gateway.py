@@ -160,6 +160,7 @@ class Gateway:
         self.inspections = UploadInspections(settings.policy.leak_window)
         self.seen_manifests = SeenManifests()
         self.config_diff_ids = ConfigDiffIds()
+        self.config_fetches: dict[str, asyncio.Future[tuple[str, ...]]] = {}
         self.manifest_memory = MemoryBudget(settings.server.manifest_memory)
         self.settings = settings
         self.policy = settings.policy.policy
@@ -462,7 +463,22 @@ class Gateway:
         cached = self.config_diff_ids.get(config.digest)
         if cached is not None:
             return cached
-        if config.size > MAX_MANIFEST_BYTES:
+        # Pushes of one image arrive together: one of them reads the config, the others wait for it.
+        pending = self.config_fetches.get(config.digest)
+        if pending is not None and (shared := await asyncio.shield(pending)):
+            return shared
+        fetch = self.config_fetches[config.digest] = asyncio.get_running_loop().create_future()
+        diff_ids: tuple[str, ...] = ()
+        try:
+            diff_ids = await self.fetch_diff_ids(request, repository, config)
+        finally:
+            fetch.set_result(diff_ids)
+            if self.config_fetches.get(config.digest) is fetch:
+                del self.config_fetches[config.digest]
+        return diff_ids
+
+    async def fetch_diff_ids(self, request: web.Request, repository: str, config: Descriptor) -> tuple[str, ...]:
+        if not 0 <= config.size <= MAX_MANIFEST_BYTES:
             return ()
         headers = without_body_headers(self.upstream_headers(request))
         with self.manifest_memory.reserve(config.size):

@@ -55,25 +55,28 @@ class Connections:
     def __init__(self, limit: int, max_head_size: int) -> None:
         self.limit = limit
         self.max_head_size = max_head_size
-        self._busy: set[object] = set()
-        self._counted: dict[object, HeadLimited] = {}
+        self._busy: set[web.RequestHandler] = set()
+        self._counted: dict[web.RequestHandler, HeadLimited] = {}  # in the order they were accepted
 
-    def enter(self, handler: object) -> None:
+    def enter(self, handler: web.RequestHandler) -> None:
         self._busy.add(handler)
 
-    def leave(self, handler: object) -> None:
+    def leave(self, handler: web.RequestHandler) -> None:
         self._busy.discard(handler)
         counted = self._counted.get(handler)
         if counted is not None:
             counted.expect_head()
 
     def factory(self, server: web.Server) -> Callable[[], asyncio.Protocol]:
+        """The listener's protocol factory. Connections are counted here, as they are accepted: aiohttp's
+        own count grows only once each connection_made has run, after a whole burst was accepted."""
+
         def make() -> asyncio.Protocol:
-            connections = server.connections
-            if len(connections) >= self.limit:
-                idle = next((handler for handler in connections if handler not in self._busy), None)
+            if len(self._counted) >= self.limit:
+                idle = next((handler for handler in self._counted if handler not in self._busy), None)
                 if idle is None:
                     return Refusal(SERVER_BUSY_ANSWER)
+                self.forget(idle)
                 idle.force_close()
             handler = server()
             counted = self._counted[handler] = HeadLimited(handler, self)
@@ -81,7 +84,7 @@ class Connections:
 
         return make
 
-    def forget(self, handler: object) -> None:
+    def forget(self, handler: web.RequestHandler) -> None:
         self._busy.discard(handler)
         self._counted.pop(handler, None)
 
