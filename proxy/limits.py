@@ -303,22 +303,27 @@ class MemoryBudget:
 
 
 async def at_least(body: AsyncIterator[bytes], rate: int, window: float) -> AsyncIterator[bytes]:
-    """`body` as it comes, cut off when a window of `window` seconds brings fewer than `rate` bytes a second:
-    a client trickling a few bytes now and then holds an upstream connection for nothing."""
+    """`body` as it comes, cut off when, over `window` seconds spent waiting for the client, it sent fewer
+    than `rate` bytes a second: a client trickling a few bytes now and then holds an upstream connection
+    for nothing. Time the upstream takes to accept the bytes is not counted."""
     if not rate:
         async for chunk in body:
             yield chunk
         return
-    wanted = rate * window
-    window_start = time.monotonic()
-    received = 0
-    async for chunk in body:
+    chunks = aiter(body)
+    waited, received = 0.0, 0
+    while True:
+        started = time.monotonic()
+        try:
+            chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return
+        waited += time.monotonic() - started
         received += len(chunk)
-        now = time.monotonic()
-        if now - window_start >= window:
-            if received < wanted * (now - window_start) / window:
-                raise StreamAborted(f"client sent {received} bytes in {now - window_start:.0f} s (minimum {rate} B/s)")
-            window_start, received = now, 0
+        if waited >= window:
+            if received < rate * waited:
+                raise StreamAborted(f"client sent {received} bytes in {waited:.0f} s (minimum {rate} B/s)")
+            waited, received = 0.0, 0
         yield chunk
 
 
