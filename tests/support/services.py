@@ -102,15 +102,14 @@ backend gateways
 """
 
 
-class Haproxy:
-    """haproxy balancing HTTP requests round-robin over `backends` ("host:port")."""
+class ConfiguredHaproxy(Service):
+    """haproxy running a whole config written by the test (its own listener on `port`)."""
 
-    def __init__(self, workdir: Path, backends: Sequence[str]) -> None:
+    def __init__(self, workdir: Path, config: str, port: int) -> None:
         self.workdir = workdir
-        self.port = free_port()
+        self.port = port
         self.config_path = workdir / "haproxy.cfg"
-        servers = "\n".join(f"    server replica{n} {backend}" for n, backend in enumerate(backends))
-        self.config_path.write_text(HAPROXY_CONFIG.format(listen=self.host_port, servers=servers))
+        self.config_path.write_text(config)
         self.process = ManagedProcess(["haproxy", "-db", "-f", self.config_path], log_path=workdir / "haproxy.log")
 
     @property
@@ -131,23 +130,13 @@ class Haproxy:
         self.process.stop()
 
 
-class ConfiguredHaproxy(Service):
-    """haproxy running a whole config written by the test (its own listener on `port`)."""
+class Haproxy(ConfiguredHaproxy):
+    """haproxy balancing HTTP requests round-robin over `backends` ("host:port")."""
 
-    def __init__(self, workdir: Path, config: str, port: int) -> None:
-        self.port = port
-        self.config_path = workdir / "haproxy.cfg"
-        self.config_path.write_text(config)
-        self.process = ManagedProcess(["haproxy", "-db", "-f", self.config_path], log_path=workdir / "haproxy.log")
-
-    def start(self) -> Self:
-        run_checked(["haproxy", "-c", "-q", "-f", self.config_path], timeout=30)
-        self.process.start()
-        self.process.wait_for_port(HOST, self.port)
-        return self
-
-    def stop(self) -> None:
-        self.process.stop()
+    def __init__(self, workdir: Path, backends: Sequence[str]) -> None:
+        port = free_port()
+        servers = "\n".join(f"    server replica{n} {backend}" for n, backend in enumerate(backends))
+        super().__init__(workdir, HAPROXY_CONFIG.format(listen=f"{HOST}:{port}", servers=servers), port)
 
 
 NGINX_MAIN_CONFIG = """\
