@@ -119,13 +119,6 @@ class ConfigDiffIds:
             self._entries.popitem(last=False)
 
 
-async def off_loop_if_large(parse: Callable[[bytes], T], body: bytes) -> T:
-    """`parse(body)`, in a worker thread when the body is large enough to stall other clients."""
-    if len(body) > PARSE_OFF_LOOP_BYTES:
-        return await asyncio.to_thread(parse, body)
-    return parse(body)
-
-
 def expects_continue(request: web.Request) -> bool:
     return request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue"
 
@@ -161,6 +154,8 @@ class Gateway:
         self.seen_manifests = SeenManifests()
         self.config_diff_ids = ConfigDiffIds()
         self.config_fetches: dict[str, asyncio.Future[tuple[str, ...]]] = {}
+        # One large parse at a time: each worker thread competes with the event loop for the GIL.
+        self.parsing = asyncio.Semaphore(1)
         self.manifest_memory = MemoryBudget(settings.server.manifest_memory)
         self.settings = settings
         self.policy = settings.policy.policy
@@ -437,12 +432,19 @@ class Gateway:
 
     # Manifests
 
+    async def parse(self, parse: Callable[[bytes], T], body: bytes) -> T:
+        """`parse(body)`, in a worker thread when the body is large enough to stall other clients."""
+        if len(body) <= PARSE_OFF_LOOP_BYTES:
+            return parse(body)
+        async with self.parsing:
+            return await asyncio.to_thread(parse, body)
+
     async def review(
         self, request: web.Request, repository: str, body: bytes, content_type: str | None, *, check: bool, pushed: bool
     ) -> ManifestReview | None:
         """The policy's view of an image manifest; None for lists, indexes and anything unparsable."""
         try:
-            manifest = await off_loop_if_large(lambda raw: parse_manifest(raw, content_type), body)
+            manifest = await self.parse(lambda raw: parse_manifest(raw, content_type), body)
         except ManifestError:
             return None
         if manifest.is_index or manifest.config is None:
@@ -489,7 +491,7 @@ class Gateway:
                 return ()
             if body is None or sha256_digest(body) != config.digest:
                 return ()
-            diff_ids = await off_loop_if_large(parse_diff_ids, body)
+            diff_ids = await self.parse(parse_diff_ids, body)
         self.config_diff_ids.put(config.digest, diff_ids)
         return diff_ids
 

@@ -459,3 +459,39 @@ async def test_a_burst_of_slow_legitimate_uploads_past_the_old_pool_size_all_suc
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         statuses = await asyncio.gather(*(upload(session, index) for index in range(uploads)))
     assert statuses == [201] * uploads, {status: statuses.count(status) for status in set(statuses)}
+
+
+def many_layers_manifest(index: int, layers: int = 20_000) -> bytes:
+    """A manifest of about 3 MiB listing `layers` layers. Sent as an OCI manifest, which its docker media
+    type contradicts, the registry refuses it at once, without looking for 20,000 blobs."""
+    return json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
+                   "digest": digest_of(b"config %d" % index), "size": 10},
+        "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                    "digest": digest_of(b"%d %d" % (index, layer)), "size": layer + 1} for layer in range(layers)],
+    }).encode()  # fmt: skip
+
+
+async def test_large_manifests_are_parsed_without_stalling_others(
+    hardened: GatewayProcess, http: aiohttp.ClientSession
+) -> None:
+    """8 pushes of distinct 3 MiB manifests (20,000 layers each, about 0.7 s to parse here), four at a time
+    (the 16 MiB budget): the parsing happens in worker threads, so the probe is still answered."""
+    pid, pushes = hardened.process.pid, 8
+    bodies = [many_layers_manifest(index) for index in range(pushes)]
+    baseline_rss, baseline_fds = rss_bytes(pid), open_fds(pid)
+    with Watch(hardened) as watch:
+        answers = []
+        for batch in range(0, pushes, 4):
+            answers += await asyncio.gather(*(
+                put_manifest(http, hardened.url, "attack/large", f"t{index}", bodies[index],
+                             "application/vnd.oci.image.manifest.v1+json")
+                for index in range(batch, batch + 4)
+            ))  # fmt: skip
+        recovery = await recovered(hardened, baseline_fds, "large manifests")
+    assert all("Docker-Distribution-Api-Version" in answer.headers for answer in answers), answers[0]  # registry's
+    watch.assert_others_served()
+    assert max(watch.rss) - baseline_rss < 160 * MiB
+    report("large manifests", f"{pushes} pushes of {len(bodies[0]) // MiB} MiB manifests with 20,000 layers; "
+           f"{watch.summary(baseline_rss)}; recovered {recovery:.1f} s after")  # fmt: skip
