@@ -35,7 +35,6 @@ from support.gateway import GatewayProcess
 from support.images import build_image
 from support.processes import ManagedProcess, free_port, require_binaries
 from support.protocol import (
-    absolute,
     call,
     digest_of,
     push_single_put,
@@ -429,36 +428,6 @@ def test_the_open_file_limit_is_raised_to_the_hard_limit(registry: Registry, tmp
     assert int(soft_now) == hard, limits
     assert answer.startswith(b"HTTP/1.1 200"), answer
 
-
-
-async def test_a_burst_of_slow_legitimate_uploads_past_the_old_pool_size_all_succeed(
-    gateway_factory: GatewayFactory, registry: Registry
-) -> None:
-    """300 uploads at once (more than the 256 upstream connections the gateway used to be limited to), each
-    taking 12 s at about 3 KiB/s, with default settings: every one is committed. Before, the last 44 waited
-    for a pooled connection and got a 504 once upstream.connect_timeout (10 s) had passed."""
-    gateway = gateway_factory(registry, args=["--log-level", "warning"])
-    uploads = 300
-
-    async def upload(session: aiohttp.ClientSession, index: int) -> int:
-        parts = [b"%d:%d " % (index, part) + bytes(4096) for part in range(8)]
-
-        async def slowly() -> AsyncIterator[bytes]:
-            for part in parts:
-                yield part
-                await asyncio.sleep(1.5)
-
-        location = await start_upload(session, gateway.url, "attack/burst")
-        patched = await call(session, "PATCH", location, data=slowly(),
-                             headers={"Content-Type": "application/octet-stream"})  # fmt: skip
-        if patched.status != 202:
-            return patched.status
-        done = absolute(gateway.url, patched.headers["Location"]).update_query({"digest": digest_of(b"".join(parts))})
-        return (await call(session, "PUT", done)).status
-
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        statuses = await asyncio.gather(*(upload(session, index) for index in range(uploads)))
-    assert statuses == [201] * uploads, {status: statuses.count(status) for status in set(statuses)}
 
 
 def many_layers_manifest(index: int, layers: int = 20_000) -> bytes:
