@@ -377,9 +377,9 @@ class Gateway:
         if declared is not None and declared > MAX_MANIFEST_BYTES:
             raise GatewayError(MANIFEST_TOO_LARGE, f"manifest larger than {MAX_MANIFEST_BYTES} bytes")
         with self.manifest_memory.reserve(MAX_MANIFEST_BYTES if declared is None else declared):
-            return await self.forward_buffered_manifest_put(request, route)
+            return await self.read_and_forward_manifest_put(request, route)
 
-    async def forward_buffered_manifest_put(self, request: web.Request, route: RouteMatch) -> web.StreamResponse:
+    async def read_and_forward_manifest_put(self, request: web.Request, route: RouteMatch) -> web.StreamResponse:
         await send_continue(request)
         try:
             async with asyncio.timeout(self.settings.server.idle_timeout):
@@ -415,9 +415,11 @@ class Gateway:
             await send_continue(request)
         body = self.client_body(request) if request.body_exists else None
         async with self.upstream.open("GET", request.raw_path, self.upstream_headers(request), body) as upstream:
-            if not self.worth_learning_from(upstream.status, upstream.headers) or route.repository is None:
+            size = upstream.content_length or MAX_MANIFEST_BYTES
+            if (not self.worth_learning_from(upstream.status, upstream.headers) or route.repository is None
+                    or not self.manifest_memory.fits(size)):  # learning can wait for a pull of another day
                 return await self.respond(request, upstream, None)
-            with self.manifest_memory.reserve(upstream.content_length or MAX_MANIFEST_BYTES):
+            with self.manifest_memory.reserve(size):
                 manifest = await read_capped(upstream.content, MAX_MANIFEST_BYTES)
                 if manifest is None:
                     raise GatewayError(MANIFEST_TOO_LARGE, "upstream manifest larger than 4 MiB")

@@ -287,9 +287,12 @@ class MemoryBudget:
         self.limit = limit
         self.used = 0
 
+    def fits(self, size: int) -> bool:
+        return self.used + size <= self.limit
+
     @contextlib.contextmanager
     def reserve(self, size: int) -> Iterator[None]:
-        if self.used + size > self.limit:
+        if not self.fits(size):
             log_event(logger, logging.WARNING, "memory_budget_used", used=self.used, wanted=size, limit=self.limit)
             raise GatewayError(SERVER_BUSY, "the gateway's memory budget for manifests is in use, try again")
         self.used += size
