@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from ipaddress import IPv4Network, IPv6Network, ip_address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -96,14 +96,16 @@ def _plausible_host(value: str | None) -> str | None:
     return value if value and _AUTHORITY.fullmatch(value) else None
 
 
-def trusts(networks: Iterable[IPv4Network | IPv6Network], address: str | None) -> bool:
-    if not address:
-        return False
+def _ip(address: str | None) -> IPv4Address | IPv6Address | None:
     try:
-        parsed = ip_address(address.strip("[]"))
+        return ip_address(address.strip("[]")) if address else None
     except ValueError:
-        return False
-    return any(parsed in network for network in networks)
+        return None
+
+
+def trusts(networks: Iterable[IPv4Network | IPv6Network], address: str | None) -> bool:
+    parsed = _ip(address)
+    return parsed is not None and any(parsed in network for network in networks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +135,7 @@ def client_view(
         return ClientView(own_scheme, own_host, peer, peer, trusted_peer=False)
     scheme, host = client_scheme_and_host(headers, own_scheme, own_host)
     # The client is the nearest address in the chain that is not one of the trusted proxies.
-    chain = [hop.strip() for value in headers.getall("X-Forwarded-For", ()) for hop in value.split(",") if hop.strip()]
+    chain = [hop.strip() for value in headers.getall("X-Forwarded-For", ()) for hop in value.split(",") if _ip(hop.strip())]
     address = next((hop for hop in reversed(chain) if not trusts(networks, hop)), chain[0] if chain else peer)
     return ClientView(scheme, host, address, peer, trusted_peer=True)
 

@@ -251,6 +251,12 @@ def test_the_client_is_the_nearest_untrusted_hop() -> None:
     assert view.address == "198.51.100.9"
 
 
+def test_hops_that_are_not_addresses_are_skipped() -> None:
+    incoming = headers(("X-Forwarded-For", '198.51.100.9, 1.2.3.4";proto=http;host="evil, unknown'))
+    view = client_view(incoming, "10.0.0.6", "http", "fallback:1", parse_networks("10.0.0.0/8"))
+    assert view.address == "198.51.100.9"
+
+
 def test_behind_a_tls_load_balancer_the_registry_is_told_https_first() -> None:
     """nginx/haproxy terminating TLS set X-Forwarded-Proto only: the registry (which prefers Forwarded) must
     read https in the first Forwarded element, or it hands out http:// upload locations."""
