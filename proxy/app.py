@@ -143,7 +143,7 @@ async def exchange(
             request.transport.close()
         raise
     finally:
-        connections.leave(request.protocol)
+        connections.leave(request.protocol, request.content.is_eof())
         in_flight.leave()
         if uploads is not None:
             uploads.dec()

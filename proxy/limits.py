@@ -61,10 +61,12 @@ class Connections:
     def enter(self, handler: web.RequestHandler) -> None:
         self._busy.add(handler)
 
-    def leave(self, handler: web.RequestHandler) -> None:
+    def leave(self, handler: web.RequestHandler, body_read: bool) -> None:
+        """A request is done; unless its body was left unread (aiohttp then discards it or closes the
+        connection), what the connection sends next is a request head again."""
         self._busy.discard(handler)
         counted = self._counted.get(handler)
-        if counted is not None:
+        if counted is not None and body_read:
             counted.expect_head()
 
     def factory(self, server: web.Server) -> Callable[[], asyncio.Protocol]:

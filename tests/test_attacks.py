@@ -343,9 +343,10 @@ async def test_held_manifest_puts_are_bounded_by_the_memory_budget(
         recovery = await recovered(hardened, baseline_fds, "held manifest PUTs")
         after = await put_manifest(http, hardened.url, "attack/manifest", "after", b"{}",
                                    "application/vnd.oci.image.manifest.v1+json")  # fmt: skip
-    held = [outcome for outcome in outcomes if outcome.held]
-    refused = [outcome for outcome in outcomes if not outcome.held]  # told 503, or closed unread
-    assert len(held) <= 4, outcomes  # the budget holds four 4 MiB manifests
+    # Told 503 at once (aiohttp then discards what else comes, for up to 10 s, before closing: a lingering
+    # close, so that the client reads the answer); the budget holds the other four.
+    refused = [outcome for outcome in outcomes if outcome.status == 503]
+    assert len(refused) >= attackers - 4, outcomes
     assert during.status == 503 and during.headers["Retry-After"] == "1", during
     assert "Docker-Distribution-Api-Version" in after.headers, after  # the registry's own answer: budget free again
     watch.assert_others_served()
