@@ -38,6 +38,7 @@ from proxy.gateway import (
     settle_body,
 )
 from proxy.known import KnownForeign
+from proxy.limits import Connections, UpstreamSlots
 from proxy.logs import ACCESS_LOGGER, log_event, redacted_query
 from proxy.manifests import ForeignLayer, digest_lines, is_digest
 from proxy.metrics import Metrics, route_label
@@ -101,6 +102,8 @@ IN_FLIGHT = web.AppKey("in_flight", InFlight)
 WATCHDOG = web.AppKey("watchdog", LoopWatchdog)
 REQUEST_IDS = web.AppKey("request_ids", RequestIds)
 METRICS = web.AppKey("metrics", Metrics)
+CONNECTIONS = web.AppKey("connections", Connections)
+UPSTREAM_SLOTS = web.AppKey("upstream_slots", UpstreamSlots)
 METRIC_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 def read_digest_files(paths: tuple[Path, ...]) -> dict[str, ForeignLayer]:
@@ -134,6 +137,8 @@ async def exchange(
         uploads.inc()
     response: web.StreamResponse | None = None
     status = 0
+    connections = request.app[CONNECTIONS]
+    connections.enter(request.protocol)
     try:
         if request.method == "CONNECT" or not request.raw_path.startswith("/"):
             raise GatewayError(NOT_A_FORWARD_PROXY)
@@ -156,6 +161,7 @@ async def exchange(
             request.transport.close()
         raise
     finally:
+        connections.leave(request.protocol, request.content.is_eof())
         in_flight.leave()
         if uploads is not None:
             uploads.dec()
@@ -295,7 +301,9 @@ async def upstream_context(app: web.Application) -> AsyncIterator[None]:
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
-    return await request.app[GATEWAY].handle(request)
+    gateway = request.app[GATEWAY]
+    async with request.app[UPSTREAM_SLOTS].hold(gateway.client_view(request).address):
+        return await gateway.handle(request)
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -304,6 +312,10 @@ def create_app(settings: Settings) -> web.Application:
     app[IN_FLIGHT] = InFlight()
     app[REQUEST_IDS] = RequestIds()
     app[METRICS] = Metrics()
+    app[CONNECTIONS] = Connections(settings.server.max_connections, settings.server.max_head_size)
+    upstream = settings.upstream
+    app[UPSTREAM_SLOTS] = UpstreamSlots(upstream.max_connections, upstream.max_connections_per_client,
+                                        upstream.queue_timeout)  # fmt: skip
     app.cleanup_ctx.extend([watchdog_context, store_context, known_context, upstream_context])
     app.router.add_route("*", "/{tail:.*}", dispatch, expect_handler=no_automatic_continue)
     return app

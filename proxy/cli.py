@@ -21,6 +21,7 @@ from aiohttp import web
 
 from proxy.admin import create_admin_app
 from proxy.app import (
+    CONNECTIONS,
     GATEWAY,
     IN_FLIGHT,
     KNOWN,
@@ -43,6 +44,7 @@ from proxy.config import (
     state_dir,
 )
 from proxy.config_commands import check, reference_text, show
+from proxy.limits import BudgetedSite, raise_open_file_limit
 from proxy.logs import configure_logging, log_event
 from proxy.manifests import ForeignClassifier, is_digest
 from proxy.metrics import version
@@ -68,6 +70,7 @@ from proxy.store_transfer import TransferError, export_lines, parse_lines
 from proxy.trust import EVERYWHERE, Reach, Teaching
 
 logger = logging.getLogger("foreign_layer_proxy")
+SiteFactory = Callable[[web.AppRunner, str, int], web.BaseSite]
 PROGRAM = "foreign-layer-proxy"
 STATS_OUTCOMES = ("dropped", "rejected", "leaked", "audited")
 BLOCKED_OUTCOMES = ("dropped", "rejected")
@@ -261,11 +264,11 @@ class ServeError(Exception):
     """The gateway cannot run here (a port in use): a runtime failure, not a configuration error."""
 
 
-async def start_site(runner: web.AppRunner, address: Address, setting: str, context: ssl.SSLContext | None = None) -> None:
+async def start_site(runner: web.AppRunner, address: Address, setting: str, make_site: SiteFactory = web.TCPSite) -> None:
     await runner.setup()
     without_own_server_header(runner)
     try:
-        await web.TCPSite(runner, address.host, address.port, ssl_context=context, reuse_address=True).start()
+        await make_site(runner, address.host, address.port).start()
     except OSError as error:
         await runner.cleanup()
         raise ServeError(f"{setting}: cannot listen on {address}: {error.strerror}") from None
@@ -316,10 +319,12 @@ def reload(app: web.Application, load: Callable[[], Settings], context: ssl.SSLC
 
 async def serve(load: Callable[[], Settings]) -> None:
     settings = load()
+    open_files = raise_open_file_limit()
     context = server_ssl_context(settings)
     app = create_app(settings)
     runner = runner_for(app, settings)
-    await start_site(runner, settings.server.listen, "server.listen", context)
+    await start_site(runner, settings.server.listen, "server.listen",
+                     lambda runner, host, port: BudgetedSite(runner, host, port, app[CONNECTIONS], ssl_context=context))
     admin_runner = web.AppRunner(create_admin_app(app), access_log=None, handle_signals=False)
     try:
         await start_site(admin_runner, settings.admin.listen, "admin.listen")
@@ -327,7 +332,8 @@ async def serve(load: Callable[[], Settings]) -> None:
         await runner.cleanup()
         raise
     log_event(logger, logging.INFO, "listening", address=str(settings.server.listen), admin=str(settings.admin.listen),
-              upstream=str(settings.upstream.url), tls=context is not None, version=version())  # fmt: skip
+              upstream=str(settings.upstream.url), tls=context is not None, version=version(), open_files=open_files,
+              max_connections=settings.server.max_connections)  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -10,6 +10,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from proxy.store import TlsFiles
 from proxy.trust import LearningScope, Teaches, TrustedUrls
 
 ENV_PREFIX = "FOREIGN_LAYER_PROXY_"
+# Load balancers usually reach the gateway over loopback or a private network (RFC 1918, RFC 4193).
+PRIVATE_NETWORKS = "127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7"
 USERINFO = re.compile(r"(//)[^/@]*@")
 
 
@@ -71,6 +74,23 @@ def parse_positive_int(value: object) -> int:
     if isinstance(value, bool) or not str(value).strip().isdigit() or int(str(value)) <= 0:
         raise ValueError(f"expected a positive integer, got {value!r}")
     return int(str(value))
+
+
+def parse_count(value: object) -> int:
+    """A non-negative integer, where 0 means no limit."""
+    if isinstance(value, bool) or not str(value).strip().isdigit():
+        raise ValueError(f"expected 0 (no limit) or a positive integer, got {value!r}")
+    return int(str(value))
+
+
+def parse_networks(value: object) -> tuple[IPv4Network | IPv6Network, ...]:
+    networks = []
+    for item in parse_string_list(value):
+        try:
+            networks.append(ip_network(item.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"expected CIDR networks such as 10.0.0.0/8, got {item!r}") from None
+    return tuple(networks)
 
 
 def parse_optional_file(value: object) -> Path | None:
@@ -237,6 +257,12 @@ class ServerSettings:
     shutdown_timeout: float = field(default=30.0, metadata=parsed_by(parse_positive_float))
     idle_timeout: float = field(default=75.0, metadata=parsed_by(parse_positive_float))
     max_loop_lag: float = field(default=10.0, metadata=parsed_by(parse_positive_float))
+    max_connections: int = field(default=1024, metadata=parsed_by(parse_positive_int))
+    write_timeout: float = field(default=60.0, metadata=parsed_by(parse_positive_float))
+    min_body_rate: int = field(default=1024, metadata=parsed_by(parse_count))
+    body_rate_window: float = field(default=20.0, metadata=parsed_by(parse_positive_float))
+    max_head_size: int = field(default=64 * 1024, metadata=parsed_by(parse_positive_int))
+    manifest_memory: int = field(default=64 * 1024 * 1024, metadata=parsed_by(parse_positive_int))
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,7 +273,9 @@ class UpstreamSettings:
     pass_host: bool = field(default=True, metadata=parsed_by(parse_bool))
     connect_timeout: float = field(default=10.0, metadata=parsed_by(parse_positive_float))
     read_timeout: float = field(default=300.0, metadata=parsed_by(parse_positive_float))
-    max_connections: int = field(default=256, metadata=parsed_by(parse_positive_int))
+    max_connections: int = field(default=0, metadata=parsed_by(parse_count))
+    max_connections_per_client: int = field(default=0, metadata=parsed_by(parse_count))
+    queue_timeout: float = field(default=5.0, metadata=parsed_by(parse_positive_float))
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +288,9 @@ class AdminSettings:
 class ForwardedSettings:
     x_forwarded: bool = field(default=True, metadata=parsed_by(parse_bool))
     forwarded: bool = field(default=True, metadata=parsed_by(parse_bool))
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = field(
+        default=parse_networks(PRIVATE_NETWORKS), metadata=parsed_by(parse_networks)
+    )
 
 
 @dataclass(frozen=True, slots=True)

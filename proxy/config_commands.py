@@ -8,6 +8,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import fields, is_dataclass
 from importlib import resources
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ def plain(value: Any) -> Any:
         return [pattern.pattern for pattern in value.patterns]
     if isinstance(value, enum.Enum):
         return value.value
-    if isinstance(value, Address | Path | URL):
+    if isinstance(value, Address | Path | URL | IPv4Network | IPv6Network):
         return str(value)
     if isinstance(value, tuple):
         return [plain(item) for item in value]

@@ -26,6 +26,8 @@ class ErrorKind:
 UPSTREAM_UNREACHABLE = ErrorKind("upstream_unreachable", "UNAVAILABLE", 502, "upstream registry is unreachable")
 UPSTREAM_TIMEOUT = ErrorKind("upstream_timeout", "UNAVAILABLE", 504, "upstream registry did not answer in time")
 UPSTREAM_BROKEN = ErrorKind("upstream_broken", "UNAVAILABLE", 502, "upstream registry sent an invalid response")
+UPSTREAM_BUSY = ErrorKind("upstream_busy", "UNAVAILABLE", 503, "no upstream connection free: try again shortly")
+SERVER_BUSY = ErrorKind("server_busy", "UNAVAILABLE", 503, "the gateway is at its limit: try again shortly")
 FOREIGN_LAYER_DENIED = ErrorKind("foreign_layer_denied", "DENIED", 403, "foreign layer may not be pushed")
 FOREIGN_LAYER_MISUSED = ErrorKind("foreign_layer_misused", "MANIFEST_INVALID", 400, "manifest misuses a foreign layer")
 MANIFEST_TOO_LARGE = ErrorKind("manifest_too_large", "SIZE_INVALID", 413, "manifest larger than 4 MiB")
@@ -65,6 +67,14 @@ NOT_A_FORWARD_PROXY = ErrorKind(
 
 
 MAX_REASON_CHARACTERS = 300
+# Seconds a client told 503 (a limit reached) should wait before trying again.
+RETRY_AFTER_SECONDS = 1
+
+
+def retry_after_header(kind: ErrorKind) -> dict[str, str] | None:
+    """A limit's answer says when to come back: the kind's own wait, else RETRY_AFTER_SECONDS for any 503."""
+    seconds = kind.retry_after if kind.retry_after is not None else RETRY_AFTER_SECONDS if kind.status == 503 else None
+    return None if seconds is None else {"Retry-After": str(seconds)}
 
 
 class GatewayError(Exception):
@@ -96,7 +106,7 @@ def error_response(error: GatewayError) -> web.Response:
         reason=reason_phrase(str(error)),
         body=error_body(error.kind.code, str(error), error.detail),
         content_type="application/json",
-        headers={"Retry-After": str(error.kind.retry_after)} if error.kind.retry_after is not None else None,
+        headers=retry_after_header(error.kind),
     )
 
 

@@ -57,7 +57,7 @@ def client_ssl_context(ca_file: Path | None, insecure: bool) -> ssl.SSLContext:
 
 def create_session(settings: UpstreamSettings) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(
-        limit=settings.max_connections,
+        limit=0,  # waiting for a connection is bounded by proxy.limits.UpstreamSlots, with a 503 rather than a 504
         ssl=client_ssl_context(settings.ca_file, settings.insecure),
         enable_cleanup_closed=True,
     )

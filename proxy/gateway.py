@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
+from typing import TypeVar
 
 from aiohttp import ClientResponse, HttpVersion11, web
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -36,8 +37,9 @@ from proxy.forwarding import (
     request_body,
 )
 from proxy.headers import (
+    ClientView,
     Origins,
-    client_scheme_and_host,
+    client_view,
     downstream_response_headers,
     origin,
     registry_origin,
@@ -52,6 +54,7 @@ from proxy.inspection import (
     matches_range,
 )
 from proxy.known import KnownForeign
+from proxy.limits import DeadlineResponse, MemoryBudget, at_least
 from proxy.logs import log_event
 from proxy.manifests import (
     IMAGE_MANIFEST_TYPES,
@@ -79,18 +82,23 @@ from proxy.store import Sighting
 from proxy.trust import LearningBudget
 
 logger = logging.getLogger("foreign_layer_proxy.gateway")
+T = TypeVar("T")
 
 REQUEST_ID = web.RequestKey("request_id", str)
 ROUTE = web.RequestKey("route", RouteMatch)
 DECISION = web.RequestKey("decision", Decision)
 BODY_BYTES_OUT = web.RequestKey("body_bytes_out", int)
 CONTINUE_SENT = web.RequestKey("continue_sent", bool)
+CLIENT = web.RequestKey("client", ClientView)
 
 MANIFEST_CONTENT_TYPES = IMAGE_MANIFEST_TYPES | INDEX_TYPES
 SEEN_MANIFESTS_CAPACITY = 8192
 # The most of a refused or dropped body read before answering: more than any layer seen in the field (Windows
 # base layers are 1 to 3 GiB); past it, the answer goes out and the connection is closed.
 MAX_DISCARDED_BYTES = 8 * 1024**3
+CONFIG_CACHE_CAPACITY = 4096
+# Manifests and configs larger than this are parsed in a worker thread, not on the event loop.
+PARSE_OFF_LOOP_BYTES = 64 * 1024
 
 
 class SeenManifests:
@@ -121,6 +129,24 @@ def blob_committed(location: str, digest: str) -> web.Response:
             "Content-Length": "0",
         },
     )
+class ConfigDiffIds:
+    """Image configs' diff_ids by config digest: content-addressed, so an entry never goes stale."""
+
+    def __init__(self, capacity: int = CONFIG_CACHE_CAPACITY):
+        self.capacity = capacity
+        self._entries: OrderedDict[str, tuple[str, ...]] = OrderedDict()
+
+    def get(self, digest: str) -> tuple[str, ...] | None:
+        diff_ids = self._entries.get(digest)
+        if diff_ids is not None:
+            self._entries.move_to_end(digest)
+        return diff_ids
+
+    def put(self, digest: str, diff_ids: tuple[str, ...]) -> None:
+        self._entries[digest] = diff_ids
+        self._entries.move_to_end(digest)
+        if len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
 
 
 def expects_continue(request: web.Request) -> bool:
@@ -183,6 +209,11 @@ class Gateway:
         self.inspections = UploadInspections(settings.policy.inspect_max_uploads)
         self.seen_manifests = SeenManifests()
         self.budget = LearningBudget()
+        self.config_diff_ids = ConfigDiffIds()
+        self.config_fetches: dict[str, asyncio.Future[tuple[str, ...]]] = {}
+        # One large parse at a time: each worker thread competes with the event loop for the GIL.
+        self.parsing = asyncio.Semaphore(1)
+        self.manifest_memory = MemoryBudget(settings.server.manifest_memory)
         self.reconfigure(settings)
 
     def reconfigure(self, settings: Settings) -> None:
@@ -469,23 +500,34 @@ class Gateway:
 
     # Pass-through
 
+    def client_view(self, request: web.Request) -> ClientView:
+        """Who the client is and how it addressed the gateway, worked out once per request."""
+        view = request.get(CLIENT)
+        if view is None:
+            view = request[CLIENT] = client_view(
+                request.headers, request.remote, "https" if request.secure else "http", self.upstream.authority,
+                self.settings.forwarded.trusted_proxies,
+            )  # fmt: skip
+        return view
+
     def origins(self, request: web.Request) -> Origins:
-        own_scheme = "https" if request.secure else "http"
-        scheme, host = client_scheme_and_host(request.headers, own_scheme, self.upstream.authority)
-        return Origins(upstream=self.upstream_origin, client=origin(scheme, host))
+        view = self.client_view(request)
+        return Origins(upstream=self.upstream_origin, client=origin(view.scheme, view.host))
 
     def registry_location(self, request: web.Request, path: str) -> str:
         """An absolute URL as the registry would build it for this request, as the client then sees it."""
         return self.origins(request).rewrite(registry_origin(self.upstream_headers(request)) + path)
 
     def client_body(self, request: web.Request) -> AsyncIterator[bytes]:
-        return client_body(request_body(request), self.settings.server.idle_timeout)
+        server = self.settings.server
+        return at_least(client_body(request_body(request), server.idle_timeout), server.min_body_rate,
+                        server.body_rate_window)  # fmt: skip
 
     def upstream_headers(self, request: web.Request) -> CIMultiDict[str]:
         return upstream_request_headers(
             request.headers,
             settings=self.settings.forwarded,
-            client_address=request.remote,
+            view=self.client_view(request),
             own_scheme="https" if request.secure else "http",
             upstream_authority=None if self.settings.upstream.pass_host else self.upstream.authority,
             request_id=request[REQUEST_ID],
@@ -499,6 +541,13 @@ class Gateway:
             return await self.respond(request, upstream, None)
 
     async def forward_manifest_put(self, request: web.Request, route: RouteMatch) -> web.StreamResponse:
+        declared = request.content_length
+        if declared is not None and declared > MAX_MANIFEST_BYTES:
+            raise GatewayError(MANIFEST_TOO_LARGE, f"manifest larger than {MAX_MANIFEST_BYTES} bytes")
+        with self.manifest_memory.reserve(MAX_MANIFEST_BYTES if declared is None else declared):
+            return await self.read_and_forward_manifest_put(request, route)
+
+    async def read_and_forward_manifest_put(self, request: web.Request, route: RouteMatch) -> web.StreamResponse:
         await send_continue(request)
         try:
             async with asyncio.timeout(self.settings.server.idle_timeout):
@@ -530,29 +579,42 @@ class Gateway:
             return await self.respond(request, upstream, await self.explained_refusal(upstream, review))
 
     async def forward_manifest_get(self, request: web.Request, route: RouteMatch) -> web.StreamResponse:
-        async with self.upstream.open("GET", request.raw_path, self.upstream_headers(request)) as upstream:
-            if not self.worth_learning_from(upstream.status, upstream.headers) or route.repository is None:
+        if request.body_exists:  # odd, but the registry is told a body comes: it must come
+            await send_continue(request)
+        body = self.client_body(request) if request.body_exists else None
+        async with self.upstream.open("GET", request.raw_path, self.upstream_headers(request), body) as upstream:
+            size = upstream.content_length or MAX_MANIFEST_BYTES
+            if (not self.worth_learning_from(upstream.status, upstream.headers) or route.repository is None
+                    or not self.manifest_memory.fits(size)):  # learning can wait for a pull of another day
                 return await self.respond(request, upstream, None)
-            body = await read_capped(upstream.content, MAX_MANIFEST_BYTES)
-            if body is None:
-                raise GatewayError(MANIFEST_TOO_LARGE, "upstream manifest larger than 4 MiB")
-            manifest_digest = sha256_digest(body)
-            self.seen_manifests.add(manifest_digest)
-            review = await self.review(
-                request, route.repository, body, upstream.content_type, check=False, pushed=False
-            )
-            if review is not None:
-                self.learn(review, "manifest-get", manifest_digest)
-            return await self.respond(request, upstream, body)
+            with self.manifest_memory.reserve(size):
+                manifest = await read_capped(upstream.content, MAX_MANIFEST_BYTES)
+                if manifest is None:
+                    raise GatewayError(MANIFEST_TOO_LARGE, "upstream manifest larger than 4 MiB")
+                manifest_digest = sha256_digest(manifest)
+                self.seen_manifests.add(manifest_digest)
+                review = await self.review(
+                    request, route.repository, manifest, upstream.content_type, check=False, pushed=False
+                )
+                if review is not None:
+                    self.learn(review, "manifest-get", manifest_digest)
+                return await self.respond(request, upstream, manifest)
 
     # Manifests
+
+    async def parse(self, parse: Callable[[bytes], T], body: bytes) -> T:
+        """`parse(body)`, in a worker thread when the body is large enough to stall other clients."""
+        if len(body) <= PARSE_OFF_LOOP_BYTES:
+            return parse(body)
+        async with self.parsing:
+            return await asyncio.to_thread(parse, body)
 
     async def review(
         self, request: web.Request, repository: str, body: bytes, content_type: str | None, *, check: bool, pushed: bool
     ) -> ManifestReview | None:
         """The policy's view of an image manifest; None for lists, indexes and anything unparsable."""
         try:
-            manifest = parse_manifest(body, content_type)
+            manifest = await self.parse(lambda raw: parse_manifest(raw, content_type), body)
         except ManifestError:
             return None
         if manifest.is_index or manifest.config is None:
@@ -571,17 +633,38 @@ class Gateway:
 
     async def diff_ids(self, request: web.Request, repository: str, config: Descriptor) -> tuple[str, ...]:
         """The image config's layer diff_ids, read through the upstream with the client's own credentials."""
-        if config.size > MAX_MANIFEST_BYTES:
+        cached = self.config_diff_ids.get(config.digest)
+        if cached is not None:
+            return cached
+        # Pushes of one image arrive together: one of them reads the config, the others wait for it.
+        pending = self.config_fetches.get(config.digest)
+        if pending is not None and (shared := await asyncio.shield(pending)):
+            return shared
+        fetch = self.config_fetches[config.digest] = asyncio.get_running_loop().create_future()
+        diff_ids: tuple[str, ...] = ()
+        try:
+            diff_ids = await self.fetch_diff_ids(request, repository, config)
+        finally:
+            fetch.set_result(diff_ids)
+            if self.config_fetches.get(config.digest) is fetch:
+                del self.config_fetches[config.digest]
+        return diff_ids
+
+    async def fetch_diff_ids(self, request: web.Request, repository: str, config: Descriptor) -> tuple[str, ...]:
+        if not 0 <= config.size <= MAX_MANIFEST_BYTES:
             return ()
         headers = without_body_headers(self.upstream_headers(request))
-        try:
-            async with self.upstream.open("GET", f"/v2/{repository}/blobs/{config.digest}", headers) as response:
-                body = await read_capped(response.content, MAX_MANIFEST_BYTES) if response.status == 200 else None
-        except GatewayError:
-            return ()
-        if body is None or sha256_digest(body) != config.digest:
-            return ()
-        return parse_diff_ids(body)
+        with self.manifest_memory.reserve(config.size):
+            try:
+                async with self.upstream.open("GET", f"/v2/{repository}/blobs/{config.digest}", headers) as response:
+                    body = await read_capped(response.content, config.size) if response.status == 200 else None
+            except GatewayError:
+                return ()
+            if body is None or sha256_digest(body) != config.digest:
+                return ()
+            diff_ids = await self.parse(parse_diff_ids, body)
+        self.config_diff_ids.put(config.digest, diff_ids)
+        return diff_ids
 
     def refusal(self, request: web.Request, review: ManifestReview) -> GatewayError:
         for misuse in review.misuses:
@@ -670,7 +753,8 @@ class Gateway:
 
     async def respond(self, request: web.Request, upstream: ClientResponse, body: bytes | None) -> web.StreamResponse:
         """Send the upstream's answer on: `body` when the gateway already read it, else streamed."""
-        response = web.StreamResponse(
+        response = DeadlineResponse(
+            write_timeout=self.settings.server.write_timeout,
             status=upstream.status,
             reason=upstream.reason,
             headers=downstream_response_headers(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -28,6 +29,10 @@ HOP_BY_HOP = frozenset(
 REWRITTEN_URL_HEADERS = ("Location", "Content-Location")
 BODY_HEADERS = frozenset({"content-length", "content-type", "content-range", "content-encoding", "content-md5", "digest"})
 _LINK_TARGET = re.compile(r"<([^>]*)>")
+X_FORWARDED_HEADERS = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
+FORWARDING_HEADERS = X_FORWARDED_HEADERS | {"forwarded"}
+# host or [v6]:port, as the registry will put it into URLs: no paths, spaces, quotes or userinfo.
+_AUTHORITY = re.compile(r"(?:[A-Za-z0-9._~!$&'()*+=-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,10 +74,82 @@ def _first(headers: CIMultiDictProxy[str] | CIMultiDict[str], name: str) -> str 
     return value.split(",")[0].strip() if value else None
 
 
+def _unquoted(value: str) -> str:
+    value = value.strip()
+    return value[1:-1] if len(value) >= 2 and value[0] == value[-1] == '"' else value
+
+
+def _first_forwarded_element(headers: CIMultiDictProxy[str]) -> dict[str, str]:
+    """The first RFC 7239 element, as the registry (distribution's parseForwardedHeader) reads it."""
+    value = headers.get("Forwarded")
+    if not value:
+        return {}
+    element: dict[str, str] = {}
+    for pair in value.split(",")[0].split(";"):
+        name, sep, pair_value = pair.partition("=")
+        if sep:
+            element[name.strip().lower()] = _unquoted(pair_value)
+    return element
+
+
+def _plausible_host(value: str | None) -> str | None:
+    return value if value and _AUTHORITY.fullmatch(value) else None
+
+
+def _ip(address: str | None) -> IPv4Address | IPv6Address | None:
+    try:
+        return ip_address(address.strip("[]")) if address else None
+    except ValueError:
+        return None
+
+
+def trusts(networks: Iterable[IPv4Network | IPv6Network], address: str | None) -> bool:
+    parsed = _ip(address)
+    return parsed is not None and any(parsed in network for network in networks)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientView:
+    """The client as the gateway believes it: the scheme and host it addressed, and its address.
+
+    Forwarding headers are believed only from a trusted proxy; from anyone else the gateway's own view stands.
+    """
+
+    scheme: str
+    host: str
+    address: str | None
+    peer: str | None
+    trusted_peer: bool
+
+
+def client_view(
+    headers: CIMultiDictProxy[str],
+    peer: str | None,
+    own_scheme: str,
+    fallback_host: str,
+    trusted_proxies: Iterable[IPv4Network | IPv6Network],
+) -> ClientView:
+    networks = tuple(trusted_proxies)
+    own_host = _plausible_host(headers.get("Host")) or fallback_host
+    if not trusts(networks, peer):
+        return ClientView(own_scheme, own_host, peer, peer, trusted_peer=False)
+    scheme, host = client_scheme_and_host(headers, own_scheme, own_host)
+    # The client is the nearest address in the chain that is not one of the trusted proxies.
+    chain = [hop.strip() for value in headers.getall("X-Forwarded-For", ()) for hop in value.split(",") if _ip(hop.strip())]
+    address = next((hop for hop in reversed(chain) if not trusts(networks, hop)), chain[0] if chain else peer)
+    return ClientView(scheme, host, address, peer, trusted_peer=True)
+
+
 def client_scheme_and_host(headers: CIMultiDictProxy[str], own_scheme: str, fallback_host: str) -> tuple[str, str]:
-    """How the client addressed the gateway: a load balancer's X-Forwarded-* first, else our own view."""
-    scheme = _first(headers, "X-Forwarded-Proto") or own_scheme
-    host = _first(headers, "X-Forwarded-Host") or headers.get("Host") or fallback_host
+    """How the client addressed the gateway according to a trusted load balancer, as the registry reads it:
+    the first Forwarded element when there is one, else X-Forwarded-Proto/Host, else our own view."""
+    element = _first_forwarded_element(headers)
+    if element:
+        scheme_said, host_said = element.get("proto"), element.get("host")
+    else:
+        scheme_said, host_said = _first(headers, "X-Forwarded-Proto"), _first(headers, "X-Forwarded-Host")
+    scheme = scheme_said.lower() if scheme_said and scheme_said.lower() in {"http", "https"} else own_scheme
+    host = _plausible_host(host_said) or _plausible_host(headers.get("Host")) or fallback_host
     return scheme, host
 
 
@@ -105,32 +182,50 @@ def _end_to_end(headers: CIMultiDictProxy[str]) -> Iterable[tuple[str, str]]:
     return ((name, value) for name, value in headers.items() if name.lower() not in dropped)
 
 
+def _forwarded_node(address: str | None) -> str:
+    return f'"[{address}]"' if address and ":" in address else f'"{address or "unknown"}"'
+
+
 def upstream_request_headers(
     incoming: CIMultiDictProxy[str],
     *,
     settings: ForwardedSettings,
-    client_address: str | None,
+    view: ClientView,
     own_scheme: str,
     upstream_authority: str | None,
     request_id: str,
 ) -> CIMultiDict[str]:
-    """Headers for the upstream request. `upstream_authority` replaces Host when the client's is not passed on."""
-    headers = CIMultiDict(_end_to_end(incoming))
+    """Headers for the upstream request. `upstream_authority` replaces Host when the client's is not passed on.
+
+    The forwarding headers tell the registry exactly the scheme and host the gateway itself believes (`view`):
+    those of a trusted proxy are extended, anyone else's replaced."""
+    trusted = view.trusted_peer
+    rebuilt = (X_FORWARDED_HEADERS if settings.x_forwarded else frozenset()) | (
+        {"forwarded"} if settings.forwarded else frozenset()
+    )
+    dropped = rebuilt if trusted else FORWARDING_HEADERS
+    headers = CIMultiDict((name, value) for name, value in _end_to_end(incoming) if name.lower() not in dropped)
     client_host = incoming.get("Host", "")
     if upstream_authority is not None:
         headers["Host"] = upstream_authority
     if settings.x_forwarded:
-        if client_address:
-            headers["X-Forwarded-For"] = ", ".join([*incoming.getall("X-Forwarded-For", ()), client_address])
-        headers.setdefault("X-Forwarded-Proto", own_scheme)
-        if client_host:
-            headers.setdefault("X-Forwarded-Host", client_host)
+        chain = [*incoming.getall("X-Forwarded-For", ())] if trusted else []
+        if view.peer:
+            chain.append(view.peer)
+        if chain:
+            headers["X-Forwarded-For"] = ", ".join(chain)
+        headers["X-Forwarded-Proto"] = view.scheme
+        headers["X-Forwarded-Host"] = view.host
     if settings.forwarded:
-        node = f"[{client_address}]" if client_address and ":" in client_address else client_address or "unknown"
-        element = f'for="{node}";proto={own_scheme}'
-        if client_host:
-            element += f';host="{client_host}"'
-        headers["Forwarded"] = ", ".join([*incoming.getall("Forwarded", ()), element])
+        # The registry reads only the first element: it must be the client's, as the gateway believes it.
+        received = incoming.getall("Forwarded", ()) if trusted else []
+        if received:
+            element = f"for={_forwarded_node(view.peer)};proto={own_scheme}"
+            if client_host:
+                element += f';host="{client_host}"'
+        else:
+            element = f'for={_forwarded_node(view.address)};proto={view.scheme};host="{view.host}"'
+        headers["Forwarded"] = ", ".join([*received, element])
     headers["X-Request-Id"] = request_id
     return headers
 

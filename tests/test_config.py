@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ipaddress import ip_network
 from pathlib import Path
 
 import pytest
@@ -58,7 +59,9 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.upstream.url is None
     assert (settings.upstream.ca_file, settings.upstream.insecure, settings.upstream.pass_host) == (None, False, True)
     assert (settings.upstream.connect_timeout, settings.upstream.read_timeout) == (10.0, 300.0)
-    assert settings.upstream.max_connections == 256
+    assert (settings.upstream.max_connections, settings.upstream.max_connections_per_client) == (0, 0)
+    assert settings.server.max_connections == 1024
+    assert ip_network("10.0.0.0/8") in settings.forwarded.trusted_proxies
     assert (settings.admin.listen, settings.admin.ready_requires_upstream) == (Address("127.0.0.1", 9090), False)
     assert (settings.forwarded.x_forwarded, settings.forwarded.forwarded) == (True, True)
     assert settings.foreign.media_types == ()
@@ -323,7 +326,10 @@ CERT = "{tmp}/cert.pem"
         pytest.param("server:\n  idle_timeout: -1\n", {}, {}, "server.idle_timeout", id="negative-timeout"),
         pytest.param("upstream:\n  read_timeout: soon\n", {}, {}, "upstream.read_timeout", id="word-timeout"),
         pytest.param("upstream:\n  read_timeout: true\n", {}, {}, "upstream.read_timeout", id="bool-timeout"),
-        pytest.param("upstream:\n  max_connections: 0\n", {}, {}, "upstream.max_connections", id="zero-int"),
+        pytest.param("server:\n  max_connections: 0\n", {}, {}, "server.max_connections", id="zero-int"),
+        pytest.param("upstream:\n  max_connections: -1\n", {}, {}, "upstream.max_connections", id="negative-count"),
+        pytest.param("forwarded:\n  trusted_proxies: [10.0.0.0/33]\n", {}, {}, "forwarded.trusted_proxies",
+                     id="bad-cidr"),
         pytest.param("upstream:\n  max_connections: 1.5\n", {}, {}, "upstream.max_connections", id="float-int"),
         pytest.param("upstream:\n  max_connections: true\n", {}, {}, "upstream.max_connections", id="bool-int"),
         pytest.param("foreign:\n  media_types: [1, 2]\n", {}, {}, "foreign.media_types", id="list-of-numbers"),

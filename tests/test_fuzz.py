@@ -1,6 +1,11 @@
 """Fuzzing, bounded in count: request-target parsing and the push decision, the manifest reader, and raw HTTP
-sent to a running gateway. Every failure found is saved in tests/corpus/ and replayed by
-test_the_corpus_still_passes (with the seed entries kept there).
+sent to a running gateway. The committed corpus (tests/corpus/: seeds and earlier findings) is replayed by
+test_the_corpus_still_passes.
+
+Runs are reproducible: hypothesis is derandomized (the same examples every run, so CI never fails by luck)
+unless FUZZ_RANDOM=1 asks for a fresh search. A failing input is written to FUZZ_FINDINGS (default: a
+folder under the system's temporary directory), never into the checkout: copy it into tests/corpus/ to
+keep it.
 
 Sizes: FUZZ_EXAMPLES (default 300) per pure property, FUZZ_WIRE_EXAMPLES (default 150) raw requests.
 
@@ -16,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -52,17 +58,19 @@ CORPUS = Path(__file__).with_name("corpus")
 FOREIGN = "sha256:" + hashlib.sha256(b"a known foreign layer").hexdigest()
 OTHER = "sha256:" + hashlib.sha256(b"an ordinary layer").hexdigest()
 SESSION = "2c8f5a8e-4b1d-4f57-9a43-0e6f3d3b9c11"
-# Bounded for CI; raise them for a deeper search (e.g. FUZZ_WIRE_EXAMPLES=5000), failures land in tests/corpus/.
+# Bounded for CI; raise them for a deeper search (e.g. FUZZ_WIRE_EXAMPLES=5000 FUZZ_RANDOM=1).
 WIRE_EXAMPLES = int(os.environ.get("FUZZ_WIRE_EXAMPLES", "150"))
 PURE_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
+DERANDOMIZE = os.environ.get("FUZZ_RANDOM") != "1"
+FINDINGS = Path(os.environ.get("FUZZ_FINDINGS") or Path(tempfile.gettempdir()) / "foreign-layer-proxy-fuzz")
 
 
 def save_failure(kind: str, entry: dict[str, Any], problem: str) -> Path:
-    """Keep a failing input for replay; the file name is derived from the input, so a rerun rewrites it."""
-    CORPUS.mkdir(exist_ok=True)
+    """Keep a failing input for replay (outside the checkout); the file name is derived from the input."""
+    FINDINGS.mkdir(parents=True, exist_ok=True)
     document = {"kind": kind, **entry, "problem": problem[:500]}
     name = hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:16]
-    path = CORPUS / f"found-{kind}-{name}.json"
+    path = FINDINGS / f"found-{kind}-{name}.json"
     path.write_text(json.dumps(document, indent=1) + "\n")
     return path
 
@@ -80,10 +88,11 @@ def run_and_keep_failures(kind: str, check: Callable[[dict[str, Any]], str | Non
 
     try:
         search(example)
-    finally:
+    except AssertionError as error:
         if failures:
             entry, problem = min(failures, key=lambda failure: len(json.dumps(failure[0])))
-            save_failure(kind, entry, problem)
+            raise AssertionError(f"{error}\nsaved as {save_failure(kind, entry, problem)}") from error
+        raise
 
 
 # Request targets and the push decision ------------------------------------------------------------
@@ -192,7 +201,7 @@ def push_targets(draw: st.DrawFn) -> dict[str, Any]:
 
 def test_fuzz_every_query_and_path_spelling_the_registry_reads_as_the_foreign_digest_is_decided() -> None:
     def search(example: Callable[[dict[str, Any]], None]) -> None:
-        @settings(max_examples=PURE_EXAMPLES, deadline=None, database=None)
+        @settings(max_examples=PURE_EXAMPLES, deadline=None, database=None, derandomize=DERANDOMIZE)
         @given(push_targets())
         def run(entry: dict[str, Any]) -> None:
             example(entry)
@@ -214,7 +223,7 @@ def test_fuzz_any_path_is_classified_without_raising() -> None:
         alphabet = st.one_of(st.sampled_from(list("/.%2Fv_ab") + ["v2", "blobs", "uploads", "manifests", ".."]),
                              st.characters())  # fmt: skip
 
-        @settings(max_examples=PURE_EXAMPLES, deadline=None, database=None)
+        @settings(max_examples=PURE_EXAMPLES, deadline=None, database=None, derandomize=DERANDOMIZE)
         @given(st.lists(alphabet, max_size=40).map("".join))
         def run(path: str) -> None:
             example({"path": path})
@@ -312,7 +321,7 @@ def check_manifest(entry: dict[str, Any]) -> str | None:
 
 def test_fuzz_mutated_manifests_only_ever_raise_manifest_error() -> None:
     def search(example: Callable[[dict[str, Any]], None]) -> None:
-        @settings(max_examples=PURE_EXAMPLES, deadline=None, database=None)
+        @settings(max_examples=PURE_EXAMPLES, deadline=None, database=None, derandomize=DERANDOMIZE)
         @given(mutated_manifests())
         def run(entry: dict[str, Any]) -> None:
             example(entry)
@@ -471,7 +480,7 @@ def check_wire(gateway: GatewayProcess, entry: dict[str, Any]) -> str | None:
 @pytest.mark.slow
 def test_fuzz_raw_requests_never_crash_or_hang_the_gateway(wire_gateway: GatewayProcess) -> None:
     def search(example: Callable[[dict[str, Any]], None]) -> None:
-        @settings(max_examples=WIRE_EXAMPLES, deadline=None, database=None,
+        @settings(max_examples=WIRE_EXAMPLES, deadline=None, database=None, derandomize=DERANDOMIZE,
                   suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
         @given(wire_requests())
         def run(entry: dict[str, Any]) -> None:

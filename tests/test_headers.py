@@ -9,10 +9,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.config import ForwardedSettings
+from proxy.config import ForwardedSettings, parse_networks
 from proxy.headers import (
+    ClientView,
     Origins,
     client_scheme_and_host,
+    client_view,
     downstream_response_headers,
     origin,
     upstream_request_headers,
@@ -42,12 +44,14 @@ def upstream_headers(
     client_address: str | None = "203.0.113.7",
     own_scheme: str = "http",
     upstream_authority: str | None = None,
+    trusted: str = "",
 ) -> Pairs:
+    settings = ForwardedSettings(x_forwarded=x_forwarded, forwarded=forwarded, trusted_proxies=parse_networks(trusted))
     return list(
         upstream_request_headers(
             incoming,
-            settings=ForwardedSettings(x_forwarded=x_forwarded, forwarded=forwarded),
-            client_address=client_address,
+            settings=settings,
+            view=client_view(incoming, client_address, own_scheme, "fallback:1", settings.trusted_proxies),
             own_scheme=own_scheme,
             upstream_authority=upstream_authority,
             request_id="req-1",
@@ -200,6 +204,81 @@ def test_client_scheme_and_host(incoming: CIMultiDictProxy[str], own_scheme: str
     assert client_scheme_and_host(incoming, own_scheme, "fallback:1") == expected
 
 
+@pytest.mark.parametrize(
+    ("incoming", "expected"),
+    [
+        pytest.param(headers(("Forwarded", 'for=1.2.3.4;proto=https;host="reg.example"'), ("X-Forwarded-Proto", "http")),
+                     ("https", "reg.example"), id="forwarded-wins-as-in-distribution"),
+        pytest.param(headers(("Host", "gw"), ("Forwarded", "for=1.2.3.4"), ("X-Forwarded-Proto", "https")),
+                     ("http", "gw"), id="forwarded-without-proto-means-own-scheme"),
+        pytest.param(headers(("Forwarded", "proto=HTTPS;host=a.example, proto=http;host=b.example")),
+                     ("https", "a.example"), id="first-element"),
+        pytest.param(headers(("Host", "gw"), ("X-Forwarded-Proto", "gopher"), ("X-Forwarded-Host", "a b/c")),
+                     ("http", "gw"), id="implausible-values-ignored"),
+        pytest.param(headers(("Host", "gw"), ("X-Forwarded-Host", '[::1]:5000')), ("http", "[::1]:5000"),
+                     id="ipv6-host"),
+    ],
+)
+def test_client_scheme_and_host_reads_forwarded_as_the_registry_does(
+    incoming: CIMultiDictProxy[str], expected: tuple[str, str]
+) -> None:
+    assert client_scheme_and_host(incoming, "http", "fallback:1") == expected
+
+
+LB_HEADERS = headers(("Host", "reg.example"), ("X-Forwarded-Proto", "https"), ("X-Forwarded-For", "198.51.100.9"))
+
+
+@pytest.mark.parametrize(
+    ("peer", "trusted", "expected"),
+    [
+        pytest.param("127.0.0.1", "127.0.0.0/8", ClientView("https", "reg.example", "198.51.100.9", "127.0.0.1", True),
+                     id="trusted-load-balancer"),
+        pytest.param("203.0.113.7", "127.0.0.0/8", ClientView("http", "reg.example", "203.0.113.7", "203.0.113.7", False),
+                     id="untrusted-client-speaks-for-itself"),
+        pytest.param("::1", "::1/128", ClientView("https", "reg.example", "198.51.100.9", "::1", True), id="ipv6-peer"),
+        pytest.param(None, "0.0.0.0/0", ClientView("http", "reg.example", None, None, False), id="no-peer"),
+        pytest.param("127.0.0.1", "", ClientView("http", "reg.example", "127.0.0.1", "127.0.0.1", False),
+                     id="trust-none"),
+    ],
+)
+def test_client_view_believes_only_trusted_proxies(peer: str | None, trusted: str, expected: ClientView) -> None:
+    assert client_view(LB_HEADERS, peer, "http", "fallback:1", parse_networks(trusted)) == expected
+
+
+def test_the_client_is_the_nearest_untrusted_hop() -> None:
+    incoming = headers(("X-Forwarded-For", "203.0.113.1, 198.51.100.9, 10.0.0.5"))
+    view = client_view(incoming, "10.0.0.6", "http", "fallback:1", parse_networks("10.0.0.0/8"))
+    assert view.address == "198.51.100.9"
+
+
+def test_hops_that_are_not_addresses_are_skipped() -> None:
+    incoming = headers(("X-Forwarded-For", '198.51.100.9, 1.2.3.4";proto=http;host="evil, unknown'))
+    view = client_view(incoming, "10.0.0.6", "http", "fallback:1", parse_networks("10.0.0.0/8"))
+    assert view.address == "198.51.100.9"
+
+
+def test_behind_a_tls_load_balancer_the_registry_is_told_https_first() -> None:
+    """nginx/haproxy terminating TLS set X-Forwarded-Proto only: the registry (which prefers Forwarded) must
+    read https in the first Forwarded element, or it hands out http:// upload locations."""
+    result = upstream_headers(LB_HEADERS, client_address="127.0.0.1", trusted="127.0.0.0/8")
+
+    assert values(result, "Forwarded") == ['for="198.51.100.9";proto=https;host="reg.example"']
+    assert values(result, "X-Forwarded-Proto") == ["https"]
+    assert values(result, "X-Forwarded-For") == ["198.51.100.9, 127.0.0.1"]
+
+
+def test_an_untrusted_clients_forwarding_headers_are_replaced() -> None:
+    spoofed = headers(("Host", "gw:5000"), ("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", "evil.example"),
+                      ("X-Forwarded-For", "10.1.1.1"), ("Forwarded", "for=10.1.1.1;proto=https;host=evil.example"))
+
+    result = upstream_headers(spoofed, client_address="203.0.113.7", trusted="127.0.0.0/8")
+
+    assert values(result, "X-Forwarded-Proto") == ["http"]
+    assert values(result, "X-Forwarded-Host") == ["gw:5000"]
+    assert values(result, "X-Forwarded-For") == ["203.0.113.7"]
+    assert values(result, "Forwarded") == ['for="203.0.113.7";proto=http;host="gw:5000"']
+
+
 # upstream_request_headers -----------------------------------------------------------------------------------
 
 
@@ -279,12 +358,17 @@ def test_host_is_added_when_replaced_and_missing() -> None:
                      id="appends"),
         pytest.param(headers(("X-Forwarded-For", "198.51.100.1, 10.0.0.1")), "203.0.113.7",
                      ["198.51.100.1, 10.0.0.1, 203.0.113.7"], id="appends-to-list"),
-        pytest.param(headers(("X-Forwarded-For", "198.51.100.1")), None, ["198.51.100.1"], id="no-client-address"),
         pytest.param(headers(), None, [], id="nothing-to-say"),
     ],
 )
 def test_x_forwarded_for(incoming: CIMultiDictProxy[str], client_address: str | None, expected: list[str]) -> None:
-    assert values(upstream_headers(incoming, client_address=client_address), "X-Forwarded-For") == expected
+    result = upstream_headers(incoming, client_address=client_address, trusted="203.0.113.0/24")
+    assert values(result, "X-Forwarded-For") == expected
+
+
+def test_x_forwarded_for_of_an_untrusted_client_starts_with_it() -> None:
+    result = upstream_headers(headers(("X-Forwarded-For", "198.51.100.1")), client_address="203.0.113.7")
+    assert values(result, "X-Forwarded-For") == ["203.0.113.7"]
 
 
 def test_repeated_forwarding_lines_are_all_kept() -> None:
@@ -295,7 +379,7 @@ def test_repeated_forwarding_lines_are_all_kept() -> None:
         ("Forwarded", 'for="198.51.100.2"'),
     )
 
-    result = upstream_headers(incoming, client_address="203.0.113.7")
+    result = upstream_headers(incoming, client_address="203.0.113.7", trusted="203.0.113.7/32")
 
     assert ", ".join(values(result, "X-Forwarded-For")) == "198.51.100.1, 198.51.100.2, 203.0.113.7"
     assert ", ".join(values(result, "Forwarded")) == (
@@ -309,13 +393,13 @@ def test_repeated_forwarding_lines_are_all_kept() -> None:
         pytest.param(headers(("Host", "gw:5000")), "https", ["https"], ["gw:5000"], id="set"),
         pytest.param(headers(("Host", "gw:5000"), ("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", "lb.example")),
                      "http", ["https"], ["lb.example"], id="load-balancer-kept"),
-        pytest.param(headers(), "http", ["http"], [], id="no-host"),
+        pytest.param(headers(), "http", ["http"], ["fallback:1"], id="no-host-the-upstreams"),
     ],
 )
 def test_x_forwarded_proto_and_host(
     incoming: CIMultiDictProxy[str], own_scheme: str, proto: list[str], host: list[str]
 ) -> None:
-    result = upstream_headers(incoming, own_scheme=own_scheme)
+    result = upstream_headers(incoming, own_scheme=own_scheme, trusted="203.0.113.0/24")
 
     assert values(result, "X-Forwarded-Proto") == proto
     assert values(result, "X-Forwarded-Host") == host
@@ -329,13 +413,13 @@ def test_x_forwarded_proto_and_host(
         pytest.param(headers(("Host", "gw:5000"), ("Forwarded", "for=198.51.100.1;proto=https")), "203.0.113.7",
                      "http", 'for=198.51.100.1;proto=https, for="203.0.113.7";proto=http;host="gw:5000"',
                      id="appended"),
-        pytest.param(headers(), None, "http", 'for="unknown";proto=http', id="unknown-client-no-host"),
+        pytest.param(headers(), None, "http", 'for="unknown";proto=http;host="fallback:1"', id="unknown-client-no-host"),
     ],
 )
 def test_forwarded(
     incoming: CIMultiDictProxy[str], client_address: str | None, own_scheme: str, expected: str
 ) -> None:
-    result = upstream_headers(incoming, client_address=client_address, own_scheme=own_scheme)
+    result = upstream_headers(incoming, client_address=client_address, own_scheme=own_scheme, trusted="203.0.113.0/24")
 
     assert values(result, "Forwarded") == [expected]
 
@@ -343,15 +427,23 @@ def test_forwarded(
 def test_forwarded_brackets_an_ipv6_client() -> None:
     result = upstream_headers(headers(), client_address="2001:db8::1")
 
-    assert values(result, "Forwarded") == ['for="[2001:db8::1]";proto=http']
+    assert values(result, "Forwarded") == ['for="[2001:db8::1]";proto=http;host="fallback:1"']
 
 
 def test_forwarding_headers_can_be_switched_off() -> None:
     incoming = headers(("Host", "gw:5000"), ("X-Forwarded-For", "198.51.100.1"), ("Forwarded", "for=198.51.100.1"))
 
-    result = upstream_headers(incoming, x_forwarded=False, forwarded=False)
+    result = upstream_headers(incoming, x_forwarded=False, forwarded=False, trusted="203.0.113.7/32")
 
     assert result == [*incoming.items(), ("X-Request-Id", "req-1")]
+
+
+def test_switched_off_an_untrusted_clients_forwarding_headers_are_dropped() -> None:
+    incoming = headers(("Host", "gw:5000"), ("X-Forwarded-For", "198.51.100.1"), ("Forwarded", "for=198.51.100.1"))
+
+    result = upstream_headers(incoming, x_forwarded=False, forwarded=False)
+
+    assert result == [("Host", "gw:5000"), ("X-Request-Id", "req-1")]
 
 
 def test_only_x_forwarded_switched_off() -> None:

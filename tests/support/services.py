@@ -10,7 +10,7 @@ from typing import Protocol, Self
 
 import redis
 
-from .processes import ManagedProcess, free_port, run_checked
+from .processes import ManagedProcess, Service, free_port, run_checked
 
 HOST = "127.0.0.1"
 
@@ -106,15 +106,14 @@ backend gateways
 """
 
 
-class Haproxy:
-    """haproxy balancing HTTP requests round-robin over `backends` ("host:port")."""
+class ConfiguredHaproxy(Service):
+    """haproxy running a whole config written by the test (its own listener on `port`)."""
 
-    def __init__(self, workdir: Path, backends: Sequence[str]) -> None:
+    def __init__(self, workdir: Path, config: str, port: int) -> None:
         self.workdir = workdir
-        self.port = free_port()
+        self.port = port
         self.config_path = workdir / "haproxy.cfg"
-        servers = "\n".join(f"    server replica{n} {backend}" for n, backend in enumerate(backends))
-        self.config_path.write_text(HAPROXY_CONFIG.format(listen=self.host_port, servers=servers))
+        self.config_path.write_text(config)
         self.process = ManagedProcess(["haproxy", "-db", "-f", self.config_path], log_path=workdir / "haproxy.log")
 
     @property
@@ -133,6 +132,64 @@ class Haproxy:
 
     def stop(self) -> None:
         self.process.stop()
+
+
+class Haproxy(ConfiguredHaproxy):
+    """haproxy balancing HTTP requests round-robin over `backends` ("host:port")."""
+
+    def __init__(self, workdir: Path, backends: Sequence[str]) -> None:
+        port = free_port()
+        servers = "\n".join(f"    server replica{n} {backend}" for n, backend in enumerate(backends))
+        super().__init__(workdir, HAPROXY_CONFIG.format(listen=f"{HOST}:{port}", servers=servers), port)
+
+
+NGINX_MAIN_CONFIG = """\
+{user}worker_processes 1;
+daemon off;
+pid {workdir}/nginx.pid;
+error_log {workdir}/nginx-error.log warn;
+events {{
+    worker_connections 1024;
+}}
+http {{
+    access_log {workdir}/access.log;
+    client_body_temp_path {workdir}/client_body;
+    proxy_temp_path {workdir}/proxy_temp;
+    fastcgi_temp_path {workdir}/fastcgi_temp;
+    uwsgi_temp_path {workdir}/uwsgi_temp;
+    scgi_temp_path {workdir}/scgi_temp;
+    include {site};
+}}
+"""
+
+
+class Nginx(Service):
+    """nginx with one worker serving `site` (a conf.d-style file: upstream and server blocks) on `port`."""
+
+    def __init__(self, workdir: Path, site: str, port: int) -> None:
+        self.workdir = workdir
+        self.port = port
+        site_path = workdir / "site.conf"
+        site_path.write_text(site)
+        self.config_path = workdir / "nginx.conf"
+        user = "user root;\n" if os.geteuid() == 0 else ""
+        self.config_path.write_text(NGINX_MAIN_CONFIG.format(user=user, workdir=workdir, site=site_path))
+        command: list[str | Path] = ["nginx", "-c", self.config_path, "-p", workdir, "-e", workdir / "nginx-error.log"]
+        self.check = [*command, "-t", "-q"]
+        self.process = ManagedProcess(command, log_path=workdir / "nginx.log")
+
+    def start(self) -> Self:
+        run_checked(self.check, timeout=30)
+        self.process.start()
+        self.process.wait_for_port(HOST, self.port)
+        return self
+
+    def stop(self) -> None:
+        self.process.stop()
+
+    def error_log(self) -> str:
+        path = self.workdir / "nginx-error.log"
+        return path.read_text(errors="replace") if path.exists() else ""
 
 
 class RedisFactory(Protocol):

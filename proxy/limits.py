@@ -1,0 +1,356 @@
+"""Budgets and deadlines that keep one client set from taking the gateway down: connections, upstream
+slots per client, memory for buffered manifests, write deadlines and a minimum upload rate."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import resource
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, cast
+
+from aiohttp import web
+
+from proxy.errors import (
+    RETRY_AFTER_SECONDS,
+    SERVER_BUSY,
+    UPSTREAM_BUSY,
+    GatewayError,
+    error_body,
+)
+from proxy.forwarding import StreamAborted
+from proxy.logs import log_event
+
+logger = logging.getLogger("foreign_layer_proxy.limits")
+
+# A refused connection gets this long to send its request head before it is closed unanswered.
+REFUSAL_GRACE_SECONDS = 5.0
+REFUSAL_HEAD_BYTES = 16 * 1024
+
+
+def raise_open_file_limit() -> int:
+    """The soft RLIMIT_NOFILE raised to the hard limit (as Go's runtime does at start); returns the new limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft == hard:
+        return soft
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return hard
+    return soft
+
+
+# Connections -----------------------------------------------------------------------------------------
+
+
+class Connections:
+    """The client connections being served, and which of them have a request in progress.
+
+    At `limit`, a new connection takes the place of the oldest one with no request in progress (idle
+    keep-alive, or still sending its head); when every connection is busy it is answered 503. A request
+    head longer than `max_head_size` is answered 431 and its connection closed."""
+
+    def __init__(self, limit: int, max_head_size: int) -> None:
+        self.limit = limit
+        self.max_head_size = max_head_size
+        self._busy: set[web.RequestHandler] = set()
+        self._counted: dict[web.RequestHandler, HeadLimited] = {}  # in the order they were accepted
+
+    def enter(self, handler: web.RequestHandler) -> None:
+        self._busy.add(handler)
+
+    def leave(self, handler: web.RequestHandler, body_read: bool) -> None:
+        """A request is done; unless its body was left unread (aiohttp then discards it or closes the
+        connection), what the connection sends next is a request head again."""
+        self._busy.discard(handler)
+        counted = self._counted.get(handler)
+        if counted is not None and body_read:
+            counted.expect_head()
+
+    def factory(self, server: web.Server) -> Callable[[], asyncio.Protocol]:
+        """The listener's protocol factory. Connections are counted here, as they are accepted: aiohttp's
+        own count grows only once each connection_made has run, after a whole burst was accepted."""
+
+        def make() -> asyncio.Protocol:
+            if len(self._counted) >= self.limit:
+                idle = next((handler for handler in self._counted if handler not in self._busy), None)
+                if idle is None:
+                    return Refusal(SERVER_BUSY_ANSWER)
+                self.forget(idle)
+                idle.force_close()
+            handler = server()
+            counted = self._counted[handler] = HeadLimited(handler, self)
+            return counted
+
+        return make
+
+    def forget(self, handler: web.RequestHandler) -> None:
+        self._busy.discard(handler)
+        self._counted.pop(handler, None)
+
+
+def canned_answer(status_line: bytes, code: str, message: str) -> bytes:
+    body = error_body(code, message)
+    return (
+        b"HTTP/1.1 " + status_line + b"\r\n"
+        b"Content-Type: application/json\r\n"
+        b"Retry-After: %d\r\n"
+        b"Connection: close\r\n"
+        b"Content-Length: %d\r\n\r\n%s"
+    ) % (RETRY_AFTER_SECONDS, len(body), body)
+
+
+SERVER_BUSY_ANSWER = canned_answer(b"503 Service Unavailable", SERVER_BUSY.code, SERVER_BUSY.message)
+HEAD_TOO_LARGE_ANSWER = canned_answer(
+    b"431 Request Header Fields Too Large", "SIZE_INVALID", "request head too large for a registry request"
+)
+HEAD_END = b"\r\n\r\n"
+
+
+class HeadLimited(asyncio.Protocol):
+    """aiohttp's request handler behind a count of request-head bytes: aiohttp bounds each header line, not
+    the head, so a hundred unfinished heads could otherwise hold a MiB each."""
+
+    def __init__(self, handler: web.RequestHandler, connections: Connections) -> None:
+        self.handler = handler
+        self.connections = connections
+        self.transport: asyncio.Transport | None = None
+        self.head_bytes: int | None = 0  # None: the head is in, the body (if any) is not counted
+        self.tail = b""
+
+    def expect_head(self) -> None:
+        self.head_bytes, self.tail = 0, b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio.Transport
+        self.handler.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport is None:
+            return
+        if self.head_bytes is not None:
+            end = (self.tail + data).find(HEAD_END)
+            counted = len(data) if end == -1 else end - len(self.tail)
+            self.head_bytes += counted
+            if self.head_bytes > self.connections.max_head_size:
+                self.transport.write(HEAD_TOO_LARGE_ANSWER)
+                self.transport.close()
+                self.transport = None
+                return
+            if end == -1:
+                self.tail = data[-3:]
+            else:
+                self.head_bytes = None
+        self.handler.data_received(data)
+
+    def eof_received(self) -> None:
+        self.handler.eof_received()
+
+    def pause_writing(self) -> None:
+        self.handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.handler.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.connections.forget(self.handler)
+        self.handler.connection_lost(exc)
+
+
+class Refusal(asyncio.Protocol):
+    """A connection over server.max_connections: once its request head is in, it is answered 503 and closed,
+    without a request handler (and its buffers) behind it."""
+
+    def __init__(self, answer: bytes) -> None:
+        self.answer = answer
+        self.transport: asyncio.Transport | None = None
+        self.received = b""
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.timer = asyncio.get_running_loop().call_later(REFUSAL_GRACE_SECONDS, self.transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.received = (self.received + data)[-REFUSAL_HEAD_BYTES:]
+        if HEAD_END in self.received or len(self.received) >= REFUSAL_HEAD_BYTES:
+            self.transport.write(self.answer)
+            self.transport.close()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.transport = None
+
+
+class BudgetedSite(web.BaseSite):
+    """A TCP listener whose connections go through `Connections` before aiohttp's request handler."""
+
+    __slots__ = ("_connections", "_host", "_port")
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        connections: Connections,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        backlog: int = 1024,
+    ) -> None:
+        super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
+        self._host = host
+        self._port = port
+        self._connections = connections
+
+    @property
+    def name(self) -> str:
+        return f"{'https' if self._ssl_context else 'http'}://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            self._connections.factory(server),
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            reuse_address=True,
+        )
+
+
+# Upstream slots --------------------------------------------------------------------------------------
+
+
+class UpstreamSlots:
+    """Requests that may use the upstream at once: in all (0: no limit, as nginx) and per client address.
+
+    Waiting for a slot is bounded: past `queue_timeout` the client is told to come back (503 + Retry-After)."""
+
+    def __init__(self, total: int, per_client: int, queue_timeout: float) -> None:
+        self._total = asyncio.Semaphore(total) if total else None
+        self._per_client_limit = per_client
+        self._per_client: dict[str, asyncio.Semaphore] = {}
+        self._holders: dict[str, int] = {}
+        self.queue_timeout = queue_timeout
+
+    @contextlib.asynccontextmanager
+    async def hold(self, client: str | None) -> AsyncIterator[None]:
+        key = client or ""
+        own = self._per_client_semaphore(key)
+        async with contextlib.AsyncExitStack() as stack:
+            self._holders[key] = self._holders.get(key, 0) + 1
+            stack.callback(self._forget, key)
+            try:
+                async with asyncio.timeout(self.queue_timeout):
+                    if own is not None:
+                        await stack.enter_async_context(own)
+                    if self._total is not None:
+                        await stack.enter_async_context(self._total)
+            except TimeoutError:
+                raise GatewayError(
+                    UPSTREAM_BUSY, f"no upstream connection free within {self.queue_timeout:g} s"
+                ) from None
+            yield
+
+    def _per_client_semaphore(self, key: str) -> asyncio.Semaphore | None:
+        if not self._per_client_limit:
+            return None
+        semaphore = self._per_client.get(key)
+        if semaphore is None:
+            semaphore = self._per_client[key] = asyncio.Semaphore(self._per_client_limit)
+        return semaphore
+
+    def _forget(self, key: str) -> None:
+        remaining = self._holders[key] - 1
+        if remaining:
+            self._holders[key] = remaining
+        else:
+            del self._holders[key]
+            self._per_client.pop(key, None)
+
+
+# Memory for buffered manifests ----------------------------------------------------------------------
+
+
+class MemoryBudget:
+    """Bytes the gateway may hold in manifests and configs it reads whole; beyond it, 503 + Retry-After."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def fits(self, size: int) -> bool:
+        return self.used + size <= self.limit
+
+    @contextlib.contextmanager
+    def reserve(self, size: int) -> Iterator[None]:
+        if not self.fits(size):
+            log_event(logger, logging.WARNING, "memory_budget_used", used=self.used, wanted=size, limit=self.limit)
+            raise GatewayError(SERVER_BUSY, "the gateway's memory budget for manifests is in use, try again")
+        self.used += size
+        try:
+            yield
+        finally:
+            self.used -= size
+
+
+# Deadlines --------------------------------------------------------------------------------------------
+
+
+async def at_least(body: AsyncIterator[bytes], rate: int, window: float) -> AsyncIterator[bytes]:
+    """`body` as it comes, cut off when, over `window` seconds spent waiting for the client, it sent fewer
+    than `rate` bytes a second: a client trickling a few bytes now and then holds an upstream connection
+    for nothing. Time the upstream takes to accept the bytes is not counted."""
+    if not rate:
+        async for chunk in body:
+            yield chunk
+        return
+    chunks = aiter(body)
+    waited, received = 0.0, 0
+    while True:
+        started = time.monotonic()
+        try:
+            chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return
+        waited += time.monotonic() - started
+        received += len(chunk)
+        if waited >= window:
+            if received < rate * waited:
+                raise StreamAborted(f"client sent {received} bytes in {waited:.0f} s (minimum {rate} B/s)")
+            waited, received = 0.0, 0
+        yield chunk
+
+
+class DeadlineResponse(web.StreamResponse):
+    """A streamed answer the client must keep reading: a write that cannot go out within `write_timeout`
+    seconds (the client stopped reading, or reads a few bytes now and then) cuts the client off, which
+    frees the upstream connection it was holding."""
+
+    def __init__(self, *, write_timeout: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.write_timeout = write_timeout
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            async with asyncio.timeout(self.write_timeout):
+                await super().write(data)
+        except TimeoutError:
+            raise StreamAborted(f"client read too little for {self.write_timeout:g} s") from None
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        try:
+            async with asyncio.timeout(self.write_timeout):
+                await super().write_eof(data)
+        except TimeoutError:
+            raise StreamAborted(f"client read too little for {self.write_timeout:g} s") from None

@@ -1,0 +1,131 @@
+"""The budgets of proxy/limits.py on their own: upstream slots, the manifest memory budget, the minimum body
+rate, the open-file limit, and the 503 answers they give."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+from collections.abc import AsyncIterator
+
+import pytest
+
+from proxy.errors import (
+    SERVER_BUSY,
+    UPSTREAM_BUSY,
+    ErrorKind,
+    GatewayError,
+    error_response,
+)
+from proxy.forwarding import StreamAborted
+from proxy.gateway import ConfigDiffIds
+from proxy.limits import MemoryBudget, UpstreamSlots, at_least, raise_open_file_limit
+
+
+async def test_a_client_at_its_cap_waits_a_bounded_time_then_is_told_to_retry() -> None:
+    slots = UpstreamSlots(total=0, per_client=1, queue_timeout=0.2)
+    async with slots.hold("203.0.113.1"):
+        async with slots.hold("198.51.100.1"):  # another client is not held up
+            pass
+        with pytest.raises(GatewayError) as refused:
+            async with slots.hold("203.0.113.1"):
+                pass
+    assert refused.value.kind is UPSTREAM_BUSY
+    async with slots.hold("203.0.113.1"):  # free again
+        pass
+
+
+async def test_a_waiting_client_gets_the_slot_when_it_is_released() -> None:
+    slots = UpstreamSlots(total=1, per_client=0, queue_timeout=2)
+    order: list[str] = []
+
+    async def first() -> None:
+        async with slots.hold("a"):
+            order.append("first")
+            await asyncio.sleep(0.1)
+
+    async def second() -> None:
+        await asyncio.sleep(0.01)
+        async with slots.hold("b"):
+            order.append("second")
+
+    await asyncio.gather(first(), second())
+    assert order == ["first", "second"]
+
+
+async def test_per_client_state_is_forgotten_when_the_client_is_done() -> None:
+    slots = UpstreamSlots(total=0, per_client=4, queue_timeout=1)
+    for client in (f"192.0.2.{n}" for n in range(100)):
+        async with slots.hold(client):
+            pass
+    assert slots._per_client == {} and slots._holders == {}
+
+
+def test_the_memory_budget_refuses_past_its_limit_and_frees_on_exit() -> None:
+    budget = MemoryBudget(10)
+    with budget.reserve(6):
+        with pytest.raises(GatewayError) as refused, budget.reserve(5):
+            pass
+        assert refused.value.kind is SERVER_BUSY
+        with budget.reserve(4):
+            assert budget.used == 10
+    assert budget.used == 0
+
+
+async def chunks(pieces: list[bytes], pause: float) -> AsyncIterator[bytes]:
+    for piece in pieces:
+        await asyncio.sleep(pause)
+        yield piece
+
+
+async def test_a_trickling_body_is_cut_off_after_a_window() -> None:
+    with pytest.raises(StreamAborted, match="minimum 1000 B/s"):
+        async for _ in at_least(chunks([b"x"] * 50, 0.02), rate=1000, window=0.2):
+            pass
+
+
+async def test_a_body_at_the_rate_passes_whole() -> None:
+    body = [bytes(100)] * 20
+    received = [chunk async for chunk in at_least(chunks(body, 0.02), rate=1000, window=0.1)]
+    assert received == body
+
+
+async def test_the_time_the_upstream_takes_is_not_the_clients() -> None:
+    """A consumer that takes long per chunk (a slow registry) does not make a fast client look slow."""
+    received = 0
+    async for chunk in at_least(chunks([bytes(100)] * 5, 0), rate=1000, window=0.05):
+        received += len(chunk)
+        await asyncio.sleep(0.05)
+    assert received == 500
+
+
+async def test_no_minimum_rate_when_it_is_zero() -> None:
+    assert [chunk async for chunk in at_least(chunks([b"x"] * 3, 0.05), rate=0, window=0.01)] == [b"x"] * 3
+
+
+@pytest.mark.parametrize("kind", [UPSTREAM_BUSY, SERVER_BUSY])
+def test_limits_answer_503_with_retry_after_and_an_oci_body(kind: ErrorKind) -> None:
+    response = error_response(GatewayError(kind))
+    assert response.status == 503
+    assert response.headers["Retry-After"] == "1"
+    assert response.body is not None
+    assert json.loads(bytes(response.body))["errors"][0]["code"] == "UNAVAILABLE"  # type: ignore[arg-type]
+
+
+def test_the_config_cache_keeps_the_most_recently_used() -> None:
+    cache = ConfigDiffIds(capacity=2)
+    cache.put("sha256:a", ("d1",))
+    cache.put("sha256:b", ("d2",))
+    assert cache.get("sha256:a") == ("d1",)
+    cache.put("sha256:c", ("d3",))
+    assert (cache.get("sha256:a"), cache.get("sha256:b"), cache.get("sha256:c")) == (("d1",), None, ("d3",))
+
+
+def test_the_open_file_limit_is_the_hard_limit_after_raising() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        raised = raise_open_file_limit()
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == raised
+        assert raised == hard or hard == resource.RLIM_INFINITY
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
