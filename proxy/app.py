@@ -104,6 +104,7 @@ REQUEST_IDS = web.AppKey("request_ids", RequestIds)
 METRICS = web.AppKey("metrics", Metrics)
 CONNECTIONS = web.AppKey("connections", Connections)
 UPSTREAM_SLOTS = web.AppKey("upstream_slots", UpstreamSlots)
+LINGERING_SECONDS = 2.0
 METRIC_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 def read_digest_files(paths: tuple[Path, ...]) -> dict[str, ForeignLayer]:
@@ -151,7 +152,9 @@ async def exchange(
         log_event(logger, logging.WARNING, "gateway_error", code=error.kind.code, message=str(error),
                   cause=error.cause, request_id=request[REQUEST_ID])  # fmt: skip
         response = error_response(error)
-        if not await settle_body(request, request.app[SETTINGS].server.idle_timeout):
+        # A refusal reads what is left of the body, so that the client reads the answer; a limit's answer (a
+        # client holding or trickling a body among them) or upstream trouble goes out at once, closing.
+        if error.kind.status >= 429 or not await settle_body(request, request.app[SETTINGS].server.idle_timeout):
             response.force_close()
     except StreamAborted as aborted:
         status = 499
@@ -364,7 +367,8 @@ def runner_for(app: web.Application, settings: Settings) -> web.AppRunner:
         read_bufsize=STREAM_BUFFER_BYTES,
         keepalive_timeout=settings.server.idle_timeout,
         shutdown_timeout=settings.server.shutdown_timeout,
-        # An answer whose request body was left unread (see gateway.settle_body) closes the connection once
-        # sent, instead of aiohttp reading on for up to 10 s what may be the client's next request.
-        lingering_time=0,
+        # An answer whose request body was left unread (see gateway.settle_body) closes the connection after
+        # reading on for this long, not aiohttp's 10 s: closing at once with unread bytes would reset the
+        # connection, and the client could lose the answer it has not read yet.
+        lingering_time=LINGERING_SECONDS,
     )

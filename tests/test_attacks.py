@@ -446,9 +446,9 @@ def many_layers_manifest(index: int, layers: int = 20_000) -> bytes:
 async def test_large_manifests_are_parsed_without_stalling_others(
     hardened: GatewayProcess, http: aiohttp.ClientSession
 ) -> None:
-    """8 pushes of distinct 3 MiB manifests (20,000 layers each, about 0.7 s to parse here), four at a time
+    """16 pushes of distinct 3 MiB manifests (20,000 layers each, about 0.7 s to parse here), four at a time
     (the 16 MiB budget): the parsing happens in worker threads, so the probe is still answered."""
-    pid, pushes = hardened.process.pid, 8
+    pid, pushes = hardened.process.pid, 16
     bodies = [many_layers_manifest(index) for index in range(pushes)]
     baseline_rss, baseline_fds = rss_bytes(pid), open_fds(pid)
     with Watch(hardened) as watch:

@@ -45,7 +45,7 @@ from proxy.store import open_store
 # A refusal that takes longer than this was retried or hung: the bound is generous for a loaded machine.
 PROMPT_FAILURE_SECONDS = 30.0
 CTR_PUSHES = 8
-# A connection the gateway announced it closes is closed at once; aiohttp's lingering kept it 10 s.
+# A connection the gateway announced it closes is closed within its lingering time (2 s); aiohttp's default kept it 10 s.
 CLOSE_SECONDS = 5.0
 
 
