@@ -1,0 +1,107 @@
+"""The Go-built peers (crane, oras, regctl, distribution v3, the OCI conformance suite).
+
+`make go-tools` (tests/tools/build-go-tools.sh) installs the versions pinned in tests/tools/go-tools.txt
+into a cache outside the checkout; this module finds them there by the same key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .processes import run, run_checked
+
+VERSIONS_FILE = Path(__file__).resolve().parents[1] / "tools" / "go-tools.txt"
+GO_FALLBACK = Path("/usr/local/go/bin/go")
+
+
+@dataclass(frozen=True)
+class GoTool:
+    name: str
+    how: str
+    package: str
+    version: str
+
+
+def pinned_tools(text: str | None = None) -> dict[str, GoTool]:
+    text = VERSIONS_FILE.read_text() if text is None else text
+    tools = {}
+    for line in text.splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, how, package, version = line.split()
+            tools[name] = GoTool(name, how, package, version)
+    return tools
+
+
+def versions_key(text: str) -> str:
+    """What build-go-tools.sh names its folder by: `grep -v '^#' go-tools.txt | sha256sum | cut -c1-12`."""
+    kept = "".join(line + "\n" for line in text.splitlines() if not line.startswith("#"))
+    return hashlib.sha256(kept.encode()).hexdigest()[:12]
+
+
+def tools_bin() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "foreign-layer-proxy" / "go-tools" / versions_key(VERSIONS_FILE.read_text()) / "bin"
+
+
+def _go_available() -> bool:
+    return shutil.which("go") is not None or GO_FALLBACK.exists()
+
+
+def go_tool(name: str) -> Path:
+    """The built binary `name`; the test skips when it is missing (fails under CI when Go is there)."""
+    if name not in pinned_tools():
+        raise KeyError(f"{name} is not pinned in {VERSIONS_FILE}")
+    path = tools_bin() / name
+    if path.is_file() and (tools_bin() / ".complete").is_file():
+        return path
+    if not _go_available():
+        pytest.skip(f"{name} not built: no Go 1.22+ on this machine (`make go-tools` skips)")
+    message = f"{name} not built in {tools_bin()}: run `make go-tools`"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@dataclass(frozen=True)
+class GoClients:
+    """crane, oras and regctl with their configuration in `home`, each command bounded by `timeout`."""
+
+    home: Path
+    timeout: float = 60.0
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "HOME": str(self.home),
+            "DOCKER_CONFIG": str(self.home / ".docker"),
+            "XDG_CONFIG_HOME": str(self.home / ".config"),
+            "NO_COLOR": "1",
+        }
+
+    def crane(self, *args: str | Path) -> str:
+        return self._run("crane", "--insecure", *args)
+
+    def oras(self, *args: str | Path) -> str:
+        return self._run("oras", *args)
+
+    def regctl(self, *args: str | Path) -> str:
+        return self._run("regctl", *args)
+
+    def regctl_plain_http(self, host_port: str) -> None:
+        self.regctl("registry", "set", "--tls", "disabled", host_port)
+
+    def attempt(self, tool: str, *args: str | Path) -> tuple[int, str]:
+        """Run without requiring success: the exit status and everything printed."""
+        if tool == "crane":
+            args = ("--insecure", *args)
+        result = run([go_tool(tool), *args], timeout=self.timeout, env=self.env)
+        return result.returncode, result.stdout + result.stderr
+
+    def _run(self, tool: str, *args: str | Path) -> str:
+        return run_checked([go_tool(tool), *args], timeout=self.timeout, env=self.env).stdout
