@@ -9,12 +9,13 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from .processes import run, run_checked
+from .processes import describe
 
 VERSIONS_FILE = Path(__file__).resolve().parents[1] / "tools" / "go-tools.txt"
 GO_FALLBACK = Path("/usr/local/go/bin/go")
@@ -85,23 +86,32 @@ class GoClients:
         }
 
     def crane(self, *args: str | Path) -> str:
-        return self._run("crane", "--insecure", *args)
+        return self.checked("crane", *args)
 
-    def oras(self, *args: str | Path) -> str:
-        return self._run("oras", *args)
+    def oras(self, *args: str | Path, cwd: Path | None = None) -> str:
+        return self.checked("oras", *args, cwd=cwd)
 
     def regctl(self, *args: str | Path) -> str:
-        return self._run("regctl", *args)
+        return self.checked("regctl", *args)
 
     def regctl_plain_http(self, host_port: str) -> None:
         self.regctl("registry", "set", "--tls", "disabled", host_port)
 
-    def attempt(self, tool: str, *args: str | Path) -> tuple[int, str]:
+    def attempt(self, tool: str, *args: str | Path, cwd: Path | None = None) -> tuple[int, str]:
         """Run without requiring success: the exit status and everything printed."""
-        if tool == "crane":
-            args = ("--insecure", *args)
-        result = run([go_tool(tool), *args], timeout=self.timeout, env=self.env)
+        result = self._run(tool, args, cwd)
         return result.returncode, result.stdout + result.stderr
 
-    def _run(self, tool: str, *args: str | Path) -> str:
-        return run_checked([go_tool(tool), *args], timeout=self.timeout, env=self.env).stdout
+    def checked(self, tool: str, *args: str | Path, cwd: Path | None = None) -> str:
+        result = self._run(tool, args, cwd)
+        if result.returncode != 0:
+            raise AssertionError(describe(result))
+        return result.stdout
+
+    def _run(self, tool: str, args: tuple[str | Path, ...], cwd: Path | None) -> subprocess.CompletedProcess[str]:
+        # crane talks plain HTTP to 127.0.0.1 only when told; the others are told per command or per host.
+        flags = ("--insecure",) if tool == "crane" else ()
+        return subprocess.run(
+            [str(go_tool(tool)), *flags, *map(str, args)],
+            env={**os.environ, **self.env}, cwd=cwd, capture_output=True, text=True, timeout=self.timeout, check=False,
+        )  # fmt: skip
