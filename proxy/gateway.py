@@ -27,8 +27,10 @@ from proxy.forwarding import (
     StreamAborted,
     Upstream,
     client_body,
+    discard_body,
     read_capped,
     relay_body,
+    request_body,
 )
 from proxy.headers import (
     Origins,
@@ -62,6 +64,7 @@ logger = logging.getLogger("foreign_layer_proxy.gateway")
 REQUEST_ID = web.RequestKey("request_id", str)
 ROUTE = web.RequestKey("route", RouteMatch)
 DECISION = web.RequestKey("decision", Decision)
+CONTINUE_SENT = web.RequestKey("continue_sent", bool)
 
 # Query parameters through which a push names the blob it writes, per route.
 PUSH_DIGEST_PARAMETERS: dict[RouteKind, tuple[str, ...]] = {
@@ -72,6 +75,9 @@ MANIFEST_CONTENT_TYPES = IMAGE_MANIFEST_TYPES | INDEX_TYPES
 # The registry (Go's FormValue) also reads `digest`, `mount` and `from` from bodies of these types.
 FORM_MEDIA_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data"})
 SEEN_MANIFESTS_CAPACITY = 8192
+# The most of a refused or dropped body read before answering: more than any layer seen in the field (Windows
+# base layers are 1 to 3 GiB); past it, the answer goes out and the connection is closed.
+MAX_DISCARDED_BYTES = 8 * 1024**3
 
 
 class SeenManifests:
@@ -99,18 +105,27 @@ async def send_continue(request: web.Request) -> None:
     """The gateway answers `Expect: 100-continue` itself, and only once it has decided to take the body."""
     if expects_continue(request) and request.writer is not None:
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request[CONTINUE_SENT] = True
 
 
 async def no_automatic_continue(request: web.Request) -> None:
     """Route expect-handler: aiohttp must not send 100 Continue before the policy decided."""
 
 
-async def drain(request: web.Request, idle_timeout: float) -> None:
-    """Read and discard a request body the client is already sending, so that it reads our answer."""
-    if expects_continue(request):
-        return
-    async for _ in client_body(request.content, idle_timeout):
-        pass
+async def settle_body(request: web.Request, idle_timeout: float) -> bool:
+    """Before the gateway answers a request it did not forward (a refusal, a drop): read what is left of its
+    body, since many clients (python's requests among them) send all of it before they read any answer, and
+    take a reset while sending for a network error, which they retry. False when only closing the connection
+    after the answer is left: a client waiting for a 100 Continue it will not get (it sends nothing more), a
+    body past MAX_DISCARDED_BYTES, or a client that stalls or leaves."""
+    content = request_body(request)
+    if content is None or content.at_eof():
+        return True
+    if expects_continue(request) and not request.get(CONTINUE_SENT, False):
+        return False
+    if (request.content_length or 0) > MAX_DISCARDED_BYTES:
+        return False
+    return await discard_body(content, MAX_DISCARDED_BYTES, idle_timeout)
 
 
 class Gateway:
@@ -268,8 +283,9 @@ class Gateway:
         if route.kind is RouteKind.UPLOAD_SESSION:
             await self.cancel_upload(request, session_target or request.raw_path)
         if decision.action is Action.REJECT:
+            # Answered by the request middleware, which settles the body first, as for every refusal.
             raise GatewayError(
-                FOREIGN_LAYER_DENIED,
+                replace(FOREIGN_LAYER_DENIED, status=self.settings.policy.reject_status),
                 f"foreign layer {layer.digest} may not be pushed to {decision.repository} (rule: {decision.rule})",
                 {
                     "digest": layer.digest,
@@ -281,8 +297,7 @@ class Gateway:
                     "layer's foreign media type and urls, without uploading the blob",
                 },
             )
-        await drain(request, self.settings.server.idle_timeout)
-        return web.Response(
+        dropped = web.Response(
             status=201,
             headers={
                 "Location": f"/v2/{decision.repository}/blobs/{layer.digest}",
@@ -290,6 +305,9 @@ class Gateway:
                 "Content-Length": "0",
             },
         )
+        if not await settle_body(request, self.settings.server.idle_timeout):
+            dropped.force_close()
+        return dropped
 
     async def cancel_upload(self, request: web.Request, session_target: str) -> None:
         """Abort the upstream session of a dropped or rejected upload, so the registry never commits it."""
@@ -310,7 +328,7 @@ class Gateway:
         return Origins(upstream=self.upstream_origin, client=origin(scheme, host))
 
     def client_body(self, request: web.Request) -> AsyncIterator[bytes]:
-        return client_body(request.content, self.settings.server.idle_timeout)
+        return client_body(request_body(request), self.settings.server.idle_timeout)
 
     def upstream_headers(self, request: web.Request) -> CIMultiDict[str]:
         return upstream_request_headers(
@@ -333,7 +351,7 @@ class Gateway:
         await send_continue(request)
         try:
             async with asyncio.timeout(self.settings.server.idle_timeout):
-                body = await read_capped(request.content, MAX_MANIFEST_BYTES)
+                body = await read_capped(request_body(request), MAX_MANIFEST_BYTES)
         except TimeoutError:
             raise StreamAborted("client did not send its manifest in time") from None
         if body is None:
