@@ -97,8 +97,18 @@ class Day:
         assert time.monotonic() - started < PROBE_SECONDS
         stored = sorted(digest for digest in self.foreign if self.registry.blob_data_path(digest).exists())
         assert not stored, f"foreign blobs in the registry's storage: {stored}"
+        linked = sorted(
+            (repository, digest) for repository in self.repositories() for digest in self.foreign
+            if self.registry.layer_link_path(repository, digest).exists()
+        )  # fmt: skip
+        assert not linked, f"foreign blobs linked into repositories: {linked}"
         for target, image in self.accepted.items():
             assert self.manifest_digest(target, image) == image.manifest_digest, target
+
+    def repositories(self) -> list[str]:
+        """Every repository the registry's storage has, as its folder names it."""
+        root = self.registry.root / "docker/registry/v2/repositories"
+        return sorted(str(path.parent.relative_to(root)) for path in root.rglob("_layers"))
 
     def manifest_digest(self, target: str, image: Image) -> str:
         repository, tag = target.split(":")
@@ -206,6 +216,8 @@ def test_go_clients_push_copy_and_pull_windows_images_through_one_gateway(day: D
         day.step(f"{mode}: oras artifact push, attach, discover, copy, pull", oras_artifact_round_trip, day, mode)
 
     assert len(day.steps) >= 40, day.steps
+    # The storage checks looked where the registry keeps what was accepted.
+    assert {target.split(":")[0] for target in day.accepted} <= set(day.repositories())
 
 
 def oras_push_foreign_blob(day: Day, image: Image, target: str) -> None:
