@@ -10,8 +10,11 @@ far pulls back through the gateway with the same digest.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import http.server
 import json
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -24,7 +27,7 @@ import pytest
 from support.gateway import GatewayProcess
 from support.go_clients import GoClients, go_tool
 from support.images import Image, build_image, write_oci_layout
-from support.processes import require_binaries
+from support.processes import free_port, require_binaries
 from support.registry import (
     DEBIAN_2_8,
     Registry,
@@ -253,3 +256,62 @@ def oras_artifact_round_trip(day: Day, mode: str) -> None:
     pulled = folder / "pulled"
     day.clients.oras("pull", "--plain-http", "-o", pulled, copy)
     assert (pulled / "payload.json").read_bytes() == payload.read_bytes()
+
+
+class Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def blob_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """A plain file server on 127.0.0.1 over a folder: where a redirecting registry sends blob GETs."""
+    root = tmp_path_factory.mktemp("storage")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), functools.partial(Quiet, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/", root
+    server.shutdown()
+    server.server_close()
+
+
+def test_blob_redirects_reach_go_clients_through_the_gateway_unchanged(
+    release: Release, blob_store: tuple[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A registry whose storage answers blob GETs with a redirect (CDN, object store): the gateway passes the
+    redirect on as it is (another origin than the registry's), and clients fetch the blob from there."""
+    store_url, store_root = blob_store
+    workdir = tmp_path_factory.mktemp("registry")
+    registry = Registry(workdir, RegistryConfig(redirect_blobs_to=store_url), release)
+    registry.root.rmdir()
+    registry.root.symlink_to(store_root)
+    gateway = GatewayProcess(tmp_path_factory.mktemp("gateway"), registry.url, config=GATEWAY_CONFIG)
+    image = build_image(8, os="windows")
+    layout = write_oci_layout(image, tmp_path_factory.mktemp("layout"), tag="1")
+    clients = GoClients(tmp_path_factory.mktemp("home"), timeout=CLIENT_TIMEOUT)
+    with registry:
+        gateway.start()
+        try:
+            clients.crane("push", layout, f"{gateway.host_port}/plain/redirected:1")
+            layer = image.layers[0]
+            request = urllib.request.Request(f"{gateway.url}/v2/plain/redirected/blobs/{layer.digest}")
+            opener = urllib.request.build_opener(NoRedirects)
+            with pytest.raises(urllib.error.HTTPError) as redirected:
+                opener.open(request, timeout=10)
+            assert redirected.value.code in (302, 307), redirected.value
+            location = redirected.value.headers["Location"]
+            assert location.startswith(store_url) and location.endswith(f"/{layer.digest.split(':')[1]}/data")
+            clients.regctl_plain_http(gateway.host_port)
+            pulled = workdir / "pulled"
+            clients.regctl("image", "copy", f"{gateway.host_port}/plain/redirected:1", f"ocidir://{pulled}:1")
+            for blob in image.layers:
+                data = (pulled / "blobs" / "sha256" / blob.digest.split(":", 1)[1]).read_bytes()
+                assert "sha256:" + hashlib.sha256(data).hexdigest() == blob.digest
+            assert clients.crane("digest", f"{gateway.host_port}/plain/redirected:1").strip() == image.manifest_digest
+        finally:
+            gateway.stop()
+
+
+class NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None

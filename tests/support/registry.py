@@ -56,6 +56,9 @@ class RegistryConfig:
             raise ValueError("a registry has one `auth`: htpasswd or token, not both")
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # Blob GET and HEAD answered with a redirect to this base URL + the blob's storage path (the `redirect`
+    # storage middleware, as with a CDN or object store in front of the storage).
+    redirect_blobs_to: str | None = None
 
 
 def make_htpasswd(path: Path, user: str, password: str) -> Path:
@@ -152,6 +155,10 @@ class Registry(Service):
             },
             "http": http,
         }
+        if self.config.redirect_blobs_to:
+            document["middleware"] = {
+                "storage": [{"name": "redirect", "options": {"baseurl": self.config.redirect_blobs_to}}]
+            }
         if self.config.allow_foreign_urls:
             document["validation"] = {"manifests": {"urls": {"allow": ["^https?://"]}}}
         if self.config.htpasswd:
