@@ -18,7 +18,7 @@ from xml.etree import ElementTree
 
 import pytest
 from support.gateway import GatewayProcess
-from support.go_clients import go_tool
+from support.go_clients import go_tool, require_go_tools
 from support.processes import require_binaries
 from support.registry import (
     DEBIAN_2_8,
@@ -122,6 +122,7 @@ def run_suites(suite: Path, targets: Mapping[str, str], workdir: Path) -> dict[s
 
 @pytest.fixture(params=["distribution-2.8", "distribution-3"])
 def release(request: pytest.FixtureRequest) -> Release:
+    require_go_tools("conformance.test")
     if request.param == "distribution-2.8":
         require_binaries("docker-registry")
         return DEBIAN_2_8

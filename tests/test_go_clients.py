@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 from support.gateway import GatewayProcess
-from support.go_clients import GoClients, go_tool
+from support.go_clients import GoClients, go_tool, require_go_tools
 from support.images import Image, build_image, write_oci_layout
 from support.processes import free_port, require_binaries
 from support.registry import (
@@ -46,6 +46,7 @@ ARTIFACT_TYPE = "application/vnd.example.test+json"
 
 @pytest.fixture(params=["distribution-2.8", "distribution-3"])
 def release(request: pytest.FixtureRequest) -> Release:
+    require_go_tools("crane", "oras", "regctl")
     if request.param == "distribution-2.8":
         require_binaries("docker-registry")
         return DEBIAN_2_8

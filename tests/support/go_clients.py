@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from .processes import describe
 
 VERSIONS_FILE = Path(__file__).resolve().parents[1] / "tools" / "go-tools.txt"
 GO_FALLBACK = Path("/usr/local/go/bin/go")
+MINIMUM_GO_MINOR = 22
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,22 @@ def tools_bin() -> Path:
 
 
 def _go_available() -> bool:
-    return shutil.which("go") is not None or GO_FALLBACK.exists()
+    """As build-go-tools.sh decides: Go 1.22+ at $GO, else `go` on PATH, else /usr/local/go."""
+    named = os.environ.get("GO") or shutil.which("go") or str(GO_FALLBACK)
+    if not os.access(named, os.X_OK):
+        return False
+    version = subprocess.run(
+        [named, "env", "GOVERSION"], env={**os.environ, "GOTOOLCHAIN": "local"},
+        capture_output=True, text=True, timeout=30, check=False,
+    ).stdout  # fmt: skip
+    match = re.match(r"go1\.(\d+)", version)
+    return match is not None and int(match.group(1)) >= MINIMUM_GO_MINOR
+
+
+def require_go_tools(*names: str) -> None:
+    """Skip (or fail, see go_tool) before anything is started when one of the tools is missing."""
+    for name in names:
+        go_tool(name)
 
 
 def go_tool(name: str) -> Path:

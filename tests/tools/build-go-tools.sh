@@ -7,10 +7,10 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 versions="$here/go-tools.txt"
 
-go_binary="$(command -v go || true)"
-[ -n "$go_binary" ] || { [ -x /usr/local/go/bin/go ] && go_binary=/usr/local/go/bin/go; }
+# GO names the toolchain to use; else `go` on PATH, else where the official archive puts it.
+go_binary="${GO:-$(command -v go || echo /usr/local/go/bin/go)}"
 minor=""
-if [ -n "$go_binary" ]; then
+if [ -x "$go_binary" ]; then
     minor="$(GOTOOLCHAIN=local "$go_binary" env GOVERSION 2>/dev/null | sed -n 's/^go1\.\([0-9]*\).*/\1/p')"
 fi
 if [ -z "$minor" ] || [ "$minor" -lt 22 ]; then
