@@ -18,14 +18,11 @@ from xml.etree import ElementTree
 
 import pytest
 from support.gateway import GatewayProcess
-from support.go_clients import go_tool, require_go_tools
-from support.processes import require_binaries
+from support.go_clients import UPSTREAMS, go_tool, require_go_tools, upstream_release
 from support.registry import (
-    DEBIAN_2_8,
     Registry,
     RegistryConfig,
     Release,
-    distribution_v3,
 )
 
 SUITE_TIMEOUT = 180.0
@@ -121,13 +118,10 @@ def run_suites(suite: Path, targets: Mapping[str, str], workdir: Path) -> dict[s
     return runs
 
 
-@pytest.fixture(params=["distribution-2.8", "distribution-3"])
+@pytest.fixture(params=UPSTREAMS)
 def release(request: pytest.FixtureRequest) -> Release:
     require_go_tools("conformance.test")
-    if request.param == "distribution-2.8":
-        require_binaries("docker-registry")
-        return DEBIAN_2_8
-    return distribution_v3(go_tool("registry"))
+    return upstream_release(request.param)
 
 
 @pytest.fixture

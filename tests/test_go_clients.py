@@ -25,15 +25,13 @@ from typing import Any
 
 import pytest
 from support.gateway import GatewayProcess
-from support.go_clients import GoClients, go_tool, require_go_tools
+from support.go_clients import UPSTREAMS, GoClients, require_go_tools, upstream_release
 from support.images import Image, build_image, write_oci_layout
-from support.processes import free_port, require_binaries
+from support.processes import free_port
 from support.registry import (
-    DEBIAN_2_8,
     Registry,
     RegistryConfig,
     Release,
-    distribution_v3,
 )
 
 PROBE_SECONDS = 1.0
@@ -44,13 +42,10 @@ GATEWAY_CONFIG = {"policy": {"default": "drop", "rules": [{"repository": "reject
 ARTIFACT_TYPE = "application/vnd.example.test+json"
 
 
-@pytest.fixture(params=["distribution-2.8", "distribution-3"])
+@pytest.fixture(params=UPSTREAMS)
 def release(request: pytest.FixtureRequest) -> Release:
     require_go_tools("crane", "oras", "regctl")
-    if request.param == "distribution-2.8":
-        require_binaries("docker-registry")
-        return DEBIAN_2_8
-    return distribution_v3(go_tool("registry"))
+    return upstream_release(request.param)
 
 
 @dataclass

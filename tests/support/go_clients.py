@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from .processes import describe
+from .processes import describe, require_binaries
+from .registry import DEBIAN_2_8, Release, distribution_v3
 
 VERSIONS_FILE = Path(__file__).resolve().parents[1] / "tools" / "go-tools.txt"
 GO_FALLBACK = Path("/usr/local/go/bin/go")
@@ -84,6 +85,17 @@ def go_tool(name: str) -> Path:
     if os.environ.get("CI") == "true":
         pytest.fail(message)
     pytest.skip(message)
+
+
+UPSTREAMS = ("distribution-2.8", "distribution-3")
+
+
+def upstream_release(name: str) -> Release:
+    """Debian's distribution 2.8, or the v3 registry built by `make go-tools`."""
+    if name == DEBIAN_2_8.name:
+        require_binaries("docker-registry")
+        return DEBIAN_2_8
+    return distribution_v3(go_tool("registry"))
 
 
 @dataclass(frozen=True)
