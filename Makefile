@@ -3,12 +3,12 @@ SYSTEM_PACKAGES := docker-registry skopeo containerd podman buildah redis-server
 # The binaries that tell whether SYSTEM_PACKAGES are installed.
 SYSTEM_BINARIES := docker-registry skopeo containerd ctr podman redis-server haproxy nginx htpasswd wrk
 
-.PHONY: run test check lint typecheck system-deps run-deps python-deps bench demo
+.PHONY: run test check lint typecheck system-deps run-deps python-deps go-tools bench demo
 
 run: system-deps run-deps
 	config/run-local.sh
 
-test: system-deps python-deps check
+test: system-deps python-deps go-tools check
 	$(PYTHON) -m pytest -p no:cacheprovider
 
 check: lint typecheck
@@ -32,6 +32,11 @@ run-deps:
 python-deps:
 	@[ -x $(PYTHON) ] || python3 -m venv .venv
 	$(PYTHON) -m pip install -q -e '.[test]'
+
+# The Go-built peers (versions in tests/tools/go-tools.txt), into a cache outside the checkout;
+# one line and no failure when the machine has no Go 1.22+.
+go-tools:
+	bash tests/tools/build-go-tools.sh
 
 bench: system-deps python-deps
 	$(PYTHON) bench/run.py

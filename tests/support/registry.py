@@ -1,4 +1,5 @@
-"""A real CNCF distribution registry (`docker-registry`) on a free local port."""
+"""A real CNCF distribution registry on a free local port: Debian's 2.8 (`docker-registry`) or the v3
+binary built by `make go-tools` (`registry`, what `registry:3` runs)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,23 @@ import yaml
 from .processes import ManagedProcess, Service, free_port, run_checked
 
 HOST = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class Release:
+    """Which distribution to run: the command that serves a config file, and its environment."""
+
+    name: str
+    command: tuple[str, ...]
+    env: tuple[tuple[str, str], ...] = ()
+
+
+DEBIAN_2_8 = Release("distribution-2.8", ("docker-registry", "serve"))
+
+
+def distribution_v3(binary: Path) -> Release:
+    # v3 exports OpenTelemetry traces to localhost:4318 unless told not to.
+    return Release("distribution-3", (str(binary), "serve"), env=(("OTEL_TRACES_EXPORTER", "none"),))
 
 
 @dataclass(frozen=True)
@@ -38,6 +56,9 @@ class RegistryConfig:
             raise ValueError("a registry has one `auth`: htpasswd or token, not both")
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # Blob GET and HEAD answered with a redirect to this base URL + the blob's storage path (the `redirect`
+    # storage middleware, as with a CDN or object store in front of the storage).
+    redirect_blobs_to: str | None = None
 
 
 def make_htpasswd(path: Path, user: str, password: str) -> Path:
@@ -50,18 +71,20 @@ class Registry(Service):
     """`start()` after `stop()` reuses the same port and storage."""
 
     def __init__(
-        self, workdir: Path, config: RegistryConfig = RegistryConfig()
+        self, workdir: Path, config: RegistryConfig = RegistryConfig(), release: Release = DEBIAN_2_8
     ) -> None:
         self.workdir = workdir
         self.config = config
+        self.release = release
         self.port = free_port()
         self.root = workdir / "storage"
         self.root.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / "config.yml"
         self.config_path.write_text(yaml.safe_dump(self._config_document()))
         self.process = ManagedProcess(
-            ["docker-registry", "serve", self.config_path],
+            [*release.command, self.config_path],
             log_path=workdir / "registry.log",
+            env=dict(release.env) or None,
         )
 
     @property
@@ -135,6 +158,10 @@ class Registry(Service):
             },
             "http": http,
         }
+        if self.config.redirect_blobs_to:
+            document["middleware"] = {
+                "storage": [{"name": "redirect", "options": {"baseurl": self.config.redirect_blobs_to}}]
+            }
         if self.config.allow_foreign_urls:
             document["validation"] = {"manifests": {"urls": {"allow": ["^https?://"]}}}
         if self.config.htpasswd:
