@@ -8,7 +8,7 @@ import json
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from proxy.app import GATEWAY, METRICS, SETTINGS, STORE
+from proxy.app import GATEWAY, METRICS, SETTINGS, STORE, WATCHDOG
 from proxy.errors import GatewayError
 from proxy.store import StoreError
 
@@ -22,7 +22,19 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    """503 once the event loop has been blocked beyond `server.max_loop_lag` (and for a while after), so that
+    an orchestrator restarts a process whose loop stalls; a loop blocked for good cannot answer at all."""
+    gateway_app = request.app[GATEWAY_APP]
+    watchdog, limit = gateway_app[WATCHDOG], gateway_app[SETTINGS].server.max_loop_lag
+    now = watchdog.clock()
+    lag, worst = watchdog.lag.current(now), watchdog.lag.worst_recent(now)
+    body: dict[str, object] = {"status": "ok", "event_loop_lag_seconds": round(lag, 3)}
+    if worst.lag <= limit:
+        return web.json_response(body)
+    when = "is blocked" if worst.ended is None else f"was blocked {now - worst.ended:.0f} s ago"
+    body |= {"status": "unhealthy",
+             "reason": f"the event loop {when} for {worst.lag:.1f} s, beyond server.max_loop_lag ({limit:g} s)"}
+    return web.json_response(body, status=503)
 
 
 async def upstream_problem(app: web.Application) -> str | None:

@@ -23,13 +23,21 @@ from proxy.forwarding import (
     Upstream,
     create_session,
 )
-from proxy.gateway import DECISION, REQUEST_ID, ROUTE, Gateway, no_automatic_continue
+from proxy.gateway import (
+    DECISION,
+    REQUEST_ID,
+    ROUTE,
+    Gateway,
+    no_automatic_continue,
+    settle_body,
+)
 from proxy.known import KnownForeign
 from proxy.logs import log_event, redacted_query
 from proxy.manifests import ForeignLayer, digest_lines, is_digest
 from proxy.metrics import Metrics, route_label
 from proxy.routes import match_route
 from proxy.store import ForeignStore, StoreError, open_store
+from proxy.watchdog import LoopWatchdog
 
 logger = logging.getLogger("foreign_layer_proxy.access")
 
@@ -83,6 +91,7 @@ class RequestIds:
 
 
 IN_FLIGHT = web.AppKey("in_flight", InFlight)
+WATCHDOG = web.AppKey("watchdog", LoopWatchdog)
 REQUEST_IDS = web.AppKey("request_ids", RequestIds)
 METRICS = web.AppKey("metrics", Metrics)
 METRIC_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -130,6 +139,8 @@ async def exchange(
         log_event(logger, logging.WARNING, "gateway_error", code=error.kind.code, message=str(error),
                   request_id=request[REQUEST_ID])
         response = error_response(error)
+        if not await settle_body(request, request.app[SETTINGS].server.idle_timeout):
+            response.force_close()
     except StreamAborted as aborted:
         status = 499
         metrics.upstream_errors.labels("stream_aborted").inc()
@@ -166,6 +177,16 @@ async def exchange(
                 request_id=request[REQUEST_ID],
             )
     return response
+
+
+async def watchdog_context(app: web.Application) -> AsyncIterator[None]:
+    watchdog = app[WATCHDOG] = LoopWatchdog()
+    app[METRICS].track_loop_lag(watchdog.lag, watchdog.clock)
+    task = asyncio.create_task(watchdog.run())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def store_context(app: web.Application) -> AsyncIterator[None]:
@@ -227,7 +248,7 @@ def create_app(settings: Settings) -> web.Application:
     app[IN_FLIGHT] = InFlight()
     app[REQUEST_IDS] = RequestIds()
     app[METRICS] = Metrics()
-    app.cleanup_ctx.extend([store_context, known_context, upstream_context])
+    app.cleanup_ctx.extend([watchdog_context, store_context, known_context, upstream_context])
     app.router.add_route("*", "/{tail:.*}", dispatch, expect_handler=no_automatic_continue)
     return app
 

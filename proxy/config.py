@@ -126,6 +126,12 @@ def parse_action(value: object) -> Action:
         raise ValueError(f"expected one of {', '.join(a.value for a in Action)}, got {value!r}") from None
 
 
+def parse_reject_status(value: object) -> int:
+    if isinstance(value, bool) or str(value).strip() not in {"400", "403"}:
+        raise ValueError(f"expected 403 (distribution's status for DENIED) or 400, got {value!r}")
+    return int(str(value).strip())
+
+
 def parse_rules(value: object) -> tuple[Rule, ...]:
     if isinstance(value, str):
         try:
@@ -188,6 +194,7 @@ class ServerSettings:
     tls_key: Path | None = field(default=None, metadata=parsed_by(parse_optional_file))
     shutdown_timeout: float = field(default=30.0, metadata=parsed_by(parse_positive_float))
     idle_timeout: float = field(default=75.0, metadata=parsed_by(parse_positive_float))
+    max_loop_lag: float = field(default=10.0, metadata=parsed_by(parse_positive_float))
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +234,7 @@ class ForeignSettings:
 class PolicySettings:
     default: Action = field(default=Action.DROP, metadata=parsed_by(parse_action))
     rules: tuple[Rule, ...] = field(default=(), metadata=parsed_by(parse_rules))
+    reject_status: int = field(default=403, metadata=parsed_by(parse_reject_status))
     pretend_present: bool = field(default=False, metadata=parsed_by(parse_bool))
     manifest_check: bool = field(default=True, metadata=parsed_by(parse_bool))
     inspect_content: bool = field(default=False, metadata=parsed_by(parse_bool))

@@ -40,6 +40,12 @@ UNVERIFIABLE_DIGEST = ErrorKind(
     400,
     "this registry's gateway accepts blob pushes named by sha256 digests only (or with policy.inspect_content)",
 )
+AMBIGUOUS_PUSH = ErrorKind(
+    "ambiguous_push",
+    "DIGEST_INVALID",
+    400,
+    "this push names its blob in a way registries read differently: name it once, with `&`-separated parameters",
+)
 NOT_A_FORWARD_PROXY = ErrorKind(
     "not_a_forward_proxy",
     "UNSUPPORTED",

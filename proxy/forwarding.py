@@ -105,15 +105,26 @@ class Upstream:
             raise translate(error) from error
 
 
-async def next_chunk(content: aiohttp.StreamReader) -> bytes:
-    """The next piece of a body as it arrived, b"" at its end; unlike readany(), never joins buffered pieces."""
+def request_body(request: web.BaseRequest) -> aiohttp.StreamReader | None:
+    """A request's body stream; None for a request without a body, so that aiohttp's shared empty stream,
+    whose readchunk() answers (b"", True) forever once it has been read, is never read at all."""
+    return request.content if request.body_exists else None
+
+
+async def next_chunk(content: aiohttp.StreamReader | None) -> bytes:
+    """The next piece of a body as it arrived, b"" at its end; unlike readany(), never joins buffered pieces.
+
+    The only read loop of the gateway: each turn returns data, consumes an HTTP chunk boundary or awaits the
+    peer. The end is at_eof(), never readchunk's end-of-HTTP-chunk flag: an empty stream raises it forever."""
+    if content is None:
+        return b""
     while True:
-        chunk, end_of_http_chunk = await content.readchunk()
-        if chunk or not end_of_http_chunk:
+        chunk, _ = await content.readchunk()
+        if chunk or content.at_eof():
             return chunk
 
 
-async def client_body(content: aiohttp.StreamReader, idle_timeout: float) -> AsyncIterator[bytes]:
+async def client_body(content: aiohttp.StreamReader | None, idle_timeout: float) -> AsyncIterator[bytes]:
     """A request body as it arrives; a client that stops sending it for `idle_timeout` seconds is cut off.
 
     Only the wait for the client is timed, not the time the upstream takes to accept what it was sent."""
@@ -130,16 +141,30 @@ async def client_body(content: aiohttp.StreamReader, idle_timeout: float) -> Asy
         yield chunk
 
 
-async def read_capped(content: aiohttp.StreamReader, cap: int) -> bytes | None:
+async def read_capped(content: aiohttp.StreamReader | None, cap: int) -> bytes | None:
     """The whole body, or None (with the body partly consumed) when it is longer than `cap`."""
     parts: list[bytes] = []
     total = 0
-    while chunk := await content.readany():
+    while chunk := await next_chunk(content):
         total += len(chunk)
         if total > cap:
             return None
         parts.append(chunk)
     return b"".join(parts)
+
+
+async def discard_body(content: aiohttp.StreamReader | None, cap: int, idle_timeout: float) -> bool:
+    """Read and throw away a body of at most `cap` bytes; False when it is longer, or its sender stalls or
+    leaves: then only closing the connection after the answer is left."""
+    total = 0
+    try:
+        async for chunk in client_body(content, idle_timeout):
+            total += len(chunk)
+            if total > cap:
+                return False
+    except StreamAborted:
+        return False
+    return True
 
 
 async def relay_body(source: aiohttp.ClientResponse, sink: web.StreamResponse) -> None:

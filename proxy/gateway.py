@@ -15,6 +15,7 @@ from yarl import URL
 from proxy.cleanup import Cleaner
 from proxy.config import Settings
 from proxy.errors import (
+    AMBIGUOUS_PUSH,
     FOREIGN_LAYER_DENIED,
     FOREIGN_LAYER_MISUSED,
     FORM_ENCODED_PUSH,
@@ -27,8 +28,10 @@ from proxy.forwarding import (
     StreamAborted,
     Upstream,
     client_body,
+    discard_body,
     read_capped,
     relay_body,
+    request_body,
 )
 from proxy.headers import (
     Origins,
@@ -54,6 +57,12 @@ from proxy.manifests import (
 )
 from proxy.metrics import Metrics
 from proxy.policy import Action, Decision, ManifestReview, review_manifest
+from proxy.pushes import (
+    form_body_refusal,
+    names_blobs,
+    read_push,
+    registry_parses_digest,
+)
 from proxy.routes import RouteKind, RouteMatch, split_query_parameter, with_query_items
 from proxy.store import Sighting
 
@@ -62,16 +71,13 @@ logger = logging.getLogger("foreign_layer_proxy.gateway")
 REQUEST_ID = web.RequestKey("request_id", str)
 ROUTE = web.RequestKey("route", RouteMatch)
 DECISION = web.RequestKey("decision", Decision)
+CONTINUE_SENT = web.RequestKey("continue_sent", bool)
 
-# Query parameters through which a push names the blob it writes, per route.
-PUSH_DIGEST_PARAMETERS: dict[RouteKind, tuple[str, ...]] = {
-    RouteKind.UPLOAD_START: ("digest", "mount"),
-    RouteKind.UPLOAD_SESSION: ("digest",),
-}
 MANIFEST_CONTENT_TYPES = IMAGE_MANIFEST_TYPES | INDEX_TYPES
-# The registry (Go's FormValue) also reads `digest`, `mount` and `from` from bodies of these types.
-FORM_MEDIA_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data"})
 SEEN_MANIFESTS_CAPACITY = 8192
+# The most of a refused or dropped body read before answering: more than any layer seen in the field (Windows
+# base layers are 1 to 3 GiB); past it, the answer goes out and the connection is closed.
+MAX_DISCARDED_BYTES = 8 * 1024**3
 
 
 class SeenManifests:
@@ -99,18 +105,27 @@ async def send_continue(request: web.Request) -> None:
     """The gateway answers `Expect: 100-continue` itself, and only once it has decided to take the body."""
     if expects_continue(request) and request.writer is not None:
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request[CONTINUE_SENT] = True
 
 
 async def no_automatic_continue(request: web.Request) -> None:
     """Route expect-handler: aiohttp must not send 100 Continue before the policy decided."""
 
 
-async def drain(request: web.Request, idle_timeout: float) -> None:
-    """Read and discard a request body the client is already sending, so that it reads our answer."""
-    if expects_continue(request):
-        return
-    async for _ in client_body(request.content, idle_timeout):
-        pass
+async def settle_body(request: web.Request, idle_timeout: float) -> bool:
+    """Before the gateway answers a request it did not forward (a refusal, a drop): read what is left of its
+    body, since many clients (python's requests among them) send all of it before they read any answer, and
+    take a reset while sending for a network error, which they retry. False when only closing the connection
+    after the answer is left: a client waiting for a 100 Continue it will not get (it sends nothing more), a
+    body past MAX_DISCARDED_BYTES, or a client that stalls or leaves."""
+    content = request_body(request)
+    if content is None or content.at_eof():
+        return True
+    if expects_continue(request) and not request.get(CONTINUE_SENT, False):
+        return False
+    if (request.content_length or 0) > MAX_DISCARDED_BYTES:
+        return False
+    return await discard_body(content, MAX_DISCARDED_BYTES, idle_timeout)
 
 
 class Gateway:
@@ -135,7 +150,7 @@ class Gateway:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         route = request[ROUTE]
-        if route.kind in PUSH_DIGEST_PARAMETERS and request.method in {"POST", "PUT"}:
+        if names_blobs(route.kind, request.method):
             self.refuse_unverifiable_push(request, route)
         decision = self.decide(request, route)
         if decision is None and self.settings.policy.inspect_content and route.kind is RouteKind.UPLOAD_SESSION:
@@ -149,14 +164,20 @@ class Gateway:
         return self.remember_upload(request, route, await self.forward(request))
 
     def refuse_unverifiable_push(self, request: web.Request, route: RouteMatch) -> None:
-        """Pushes whose blob the gateway could not recognise: named in a form body (which the registry reads
-        too), or by a digest of another algorithm than the sha256 foreign layers are known by."""
-        if request.content_type in FORM_MEDIA_TYPES:
-            raise GatewayError(FORM_ENCODED_PUSH)
-        inspected_here = self.settings.policy.inspect_content and route.kind is RouteKind.UPLOAD_SESSION
-        if inspected_here or route.repository is None or not self.policy.rule_for(route.repository)[1].blocks:
+        """Pushes whose blob the gateway could not recognise: with a body the registry could read as a form (decided
+        as Go decides), named ambiguously, or by a digest of another algorithm than the sha256 foreign layers are
+        known by."""
+        content_types = [value for name, value in request.raw_headers if name.lower() == b"content-type"]
+        if (reason := form_body_refusal(request.method, content_types)) is not None:
+            raise GatewayError(FORM_ENCODED_PUSH, f"{FORM_ENCODED_PUSH.message} (got {reason})")
+        if route.repository is None or not self.policy.rule_for(route.repository)[1].blocks:
             return
-        other = [d for d in self.pushed_digests(request, route.kind) if not d.startswith("sha256:")]
+        reading = read_push(route.kind, request.method, request.raw_path)
+        if reading.ambiguous is not None:
+            raise GatewayError(AMBIGUOUS_PUSH, f"{AMBIGUOUS_PUSH.message} (got {reading.ambiguous})")
+        if self.settings.policy.inspect_content and route.kind is RouteKind.UPLOAD_SESSION:
+            return
+        other = [d for d in reading.digests if registry_parses_digest(d) and not d.startswith("sha256:")]
         if other:
             raise GatewayError(UNVERIFIABLE_DIGEST, f"{UNVERIFIABLE_DIGEST.message} (got {other[0][:20]}...)")
 
@@ -169,8 +190,8 @@ class Gateway:
 
     def remember_upload(self, request: web.Request, route: RouteMatch, response: web.StreamResponse) -> web.StreamResponse:
         """Completed uploads are remembered for a while, for leak detection at manifest time."""
-        if response.status == 201 and route.repository and route.kind in PUSH_DIGEST_PARAMETERS:
-            for digest in self.pushed_digests(request, route.kind):
+        if response.status == 201 and route.repository and names_blobs(route.kind, request.method):
+            for digest in self.pushed_digests(request, route):
                 self.known.record_upload(route.repository, digest, self.settings.policy.leak_window)
         return response
 
@@ -184,7 +205,7 @@ class Gateway:
             body = inspected(self.client_body(request), inspector)
             async with self.upstream.open("PATCH", request.raw_path, self.upstream_headers(request), body) as upstream:
                 return await self.respond(request, upstream, None)
-        digests = self.pushed_digests(request, route.kind) if request.method == "PUT" else []
+        digests = self.pushed_digests(request, route) if request.method == "PUT" else []
         if not digests or route.repository is None:
             return await self.forward(request)
         inspector = self.inspections.finish(session) or LayerInspector()
@@ -222,15 +243,16 @@ class Gateway:
             return None
         if request.method == "HEAD" and route.kind is RouteKind.BLOB and self.settings.policy.pretend_present:
             digests: list[str] = [route.reference] if route.reference else []
-        elif request.method in {"POST", "PUT"} and route.kind in PUSH_DIGEST_PARAMETERS:
-            digests = self.pushed_digests(request, route.kind)
+        elif names_blobs(route.kind, request.method):
+            digests = self.pushed_digests(request, route)
         else:
             return None
         return self.policy.decide(route.repository, digests, self.known.layers, self.known.diff_ids)
 
     @staticmethod
-    def pushed_digests(request: web.Request, kind: RouteKind) -> list[str]:
-        return [value for name in PUSH_DIGEST_PARAMETERS[kind] for value in request.query.getall(name, ())]
+    def pushed_digests(request: web.Request, route: RouteMatch) -> list[str]:
+        """The blobs the registry would commit or mount for this request (proxy.pushes' table)."""
+        return read_push(route.kind, request.method, request.raw_path).digests
 
     def record(self, request: web.Request, decision: Decision) -> None:
         log_event(
@@ -268,8 +290,9 @@ class Gateway:
         if route.kind is RouteKind.UPLOAD_SESSION:
             await self.cancel_upload(request, session_target or request.raw_path)
         if decision.action is Action.REJECT:
+            # Answered by the request middleware, which settles the body first, as for every refusal.
             raise GatewayError(
-                FOREIGN_LAYER_DENIED,
+                replace(FOREIGN_LAYER_DENIED, status=self.settings.policy.reject_status),
                 f"foreign layer {layer.digest} may not be pushed to {decision.repository} (rule: {decision.rule})",
                 {
                     "digest": layer.digest,
@@ -281,8 +304,7 @@ class Gateway:
                     "layer's foreign media type and urls, without uploading the blob",
                 },
             )
-        await drain(request, self.settings.server.idle_timeout)
-        return web.Response(
+        dropped = web.Response(
             status=201,
             headers={
                 "Location": f"/v2/{decision.repository}/blobs/{layer.digest}",
@@ -290,6 +312,9 @@ class Gateway:
                 "Content-Length": "0",
             },
         )
+        if not await settle_body(request, self.settings.server.idle_timeout):
+            dropped.force_close()
+        return dropped
 
     async def cancel_upload(self, request: web.Request, session_target: str) -> None:
         """Abort the upstream session of a dropped or rejected upload, so the registry never commits it."""
@@ -310,7 +335,7 @@ class Gateway:
         return Origins(upstream=self.upstream_origin, client=origin(scheme, host))
 
     def client_body(self, request: web.Request) -> AsyncIterator[bytes]:
-        return client_body(request.content, self.settings.server.idle_timeout)
+        return client_body(request_body(request), self.settings.server.idle_timeout)
 
     def upstream_headers(self, request: web.Request) -> CIMultiDict[str]:
         return upstream_request_headers(
@@ -333,7 +358,7 @@ class Gateway:
         await send_continue(request)
         try:
             async with asyncio.timeout(self.settings.server.idle_timeout):
-                body = await read_capped(request.content, MAX_MANIFEST_BYTES)
+                body = await read_capped(request_body(request), MAX_MANIFEST_BYTES)
         except TimeoutError:
             raise StreamAborted("client did not send its manifest in time") from None
         if body is None:

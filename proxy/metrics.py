@@ -17,6 +17,7 @@ from prometheus_client import (
 )
 
 from proxy.routes import RouteKind
+from proxy.watchdog import LoopLag
 
 PREFIX = "foreign_layer_proxy"
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
@@ -99,6 +100,17 @@ class Metrics:
 
     def track_known(self, count: Callable[[], int]) -> None:
         self.known_foreign.set_function(lambda: float(count()))
+
+    def track_loop_lag(self, lag: LoopLag, clock: Callable[[], float]) -> None:
+        """Read when scraped, so that a stall the loop just came out of shows even before its next tick."""
+        Gauge(
+            f"{PREFIX}_event_loop_lag_seconds", "How late the event loop runs now (its last tick, or the stall going on).",
+            registry=self.registry,
+        ).set_function(lambda: lag.current(clock()))  # fmt: skip
+        Gauge(
+            f"{PREFIX}_event_loop_lag_max_seconds", "The largest event-loop lag since the process started.",
+            registry=self.registry,
+        ).set_function(lambda: lag.largest(clock()))  # fmt: skip
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

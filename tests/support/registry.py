@@ -84,6 +84,18 @@ class Registry(Service):
             / "data"
         )
 
+    def layer_link_path(self, repository: str, digest: str) -> Path:
+        """The link that makes a blob part of a repository (written by a commit or a mount)."""
+        algorithm, hex_digest = digest.split(":", 1)
+        return self.root / "docker/registry/v2/repositories" / repository / "_layers" / algorithm / hex_digest / "link"
+
+    def committed(self, repository: str, digest: str) -> bool:
+        """Whether the storage holds the blob's data or links it into the repository."""
+        return self.blob_data_path(digest).exists() or self.layer_link_path(repository, digest).exists()
+
+    def links(self, repository: str, digest: str) -> bool:
+        return self.layer_link_path(repository, digest).exists()
+
     def start(self, timeout: float = 30.0) -> None:
         self.process.start()
         self.process.wait_until(self._answers, timeout=timeout, what="answer on /v2/")
