@@ -45,7 +45,7 @@ from support.images import (
     write_oci_layout,
 )
 from support.processes import describe, require_binaries
-from support.protocol import PUSH_FORMS, Answer, mount, put_manifest
+from support.protocol import PUSH_FORMS, Answer, call, mount, put_manifest, start_upload
 from support.registry import Registry
 
 BASE_SEED = 110
@@ -299,9 +299,13 @@ class Traffic:
                     answer = await form(http, base, repository, data)
                     assert answer.status == 201, (form_name, answer)
             await self.put_manifest(image, repository, form_name)
-        for layer in image.foreign_layers:
-            answer = await mount(http, base, repository, layer.digest, MIRROR)
-            self.expect_decided(answer, refused, f"mount of {layer.digest} from {MIRROR} to {repository}")
+        first, second = image.foreign_layers
+        answer = await mount(http, base, repository, first.digest, MIRROR)
+        self.expect_decided(answer, refused, f"mount of {first.digest} from {MIRROR} to {repository}")
+        # distribution mounts through a POST on a session URL as well (the same handler as the start URL's).
+        session = await start_upload(http, base, repository)
+        answer = await call(http, "POST", session.update_query({"mount": second.digest, "from": MIRROR}))
+        self.expect_decided(answer, refused, f"mount of {second.digest} from {MIRROR} on a session URL of {repository}")
 
     @staticmethod
     def expect_decided(answer: Answer, refused: int | None, what: str) -> None:
