@@ -31,6 +31,8 @@ from support.protocol import (
 from support.registry import Registry
 from yarl import URL
 
+from proxy.config import ConfigError, load_settings
+
 # A refusal that takes longer than this was retried or hung: the bound is generous for a loaded machine.
 PROMPT_FAILURE_SECONDS = 30.0
 
@@ -55,6 +57,21 @@ def server_errors(gateway: GatewayProcess) -> list[dict[str, Any]]:
 def assert_nothing_committed(registry: Registry, repository: str, image: Image) -> None:
     for layer in image.foreign_layers:
         assert not registry.committed(repository, layer.digest), (repository, layer.digest)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("403", 403), (403, 403), ("400", 400), (400, 400), (" 400 ", 400),
+                            ("401", None), (404, None), ("", None), (True, None), ("DENIED", None)],
+)  # fmt: skip
+def test_reject_status_is_403_or_400(value: object, expected: int | None) -> None:
+    environ = {"FOREIGN_LAYER_PROXY_POLICY_REJECT_STATUS": str(value)} if isinstance(value, str) else {}
+    overrides = {} if isinstance(value, str) else {"policy.reject_status": value}
+    if expected is None:
+        with pytest.raises(ConfigError, match="policy.reject_status"):
+            load_settings(overrides=overrides, environ=environ)
+    else:
+        assert load_settings(overrides=overrides, environ=environ).policy.reject_status == expected
+    assert load_settings(environ={}).policy.reject_status == 403
 
 
 # ctr: the closing PUT carries the whole blob
