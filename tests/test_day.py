@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gzip
 import re
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -34,6 +35,7 @@ from support.clients import (
 )
 from support.day import Day, Rules
 from support.fixtures import GatewayFactory
+from support.gateway import GatewayProcess
 from support.images import (
     Flavour,
     Image,
@@ -45,7 +47,17 @@ from support.images import (
     write_oci_layout,
 )
 from support.processes import describe, require_binaries
-from support.protocol import PUSH_FORMS, Answer, call, mount, put_manifest, start_upload
+from support.protocol import (
+    PUSH_FORMS,
+    Answer,
+    call,
+    digest_of,
+    mount,
+    push_image_blobs,
+    push_single_put,
+    put_manifest,
+    start_upload,
+)
 from support.registry import Registry
 
 BASE_SEED = 110
@@ -69,6 +81,7 @@ class Mode:
     inspect_content: bool
     rounds: int
     docker: bool
+    reject_status: int = 403  # 400 stops oras-py at once; 403 (distribution's DENIED) makes it retry
 
     @property
     def areas(self) -> list[str]:
@@ -81,8 +94,9 @@ MODES = {
     "drop-ci-reject-mirror-allow-inspecting": Mode(
         Rules("drop", (("ci/", "reject"), ("mirror/", "allow"))), inspect_content=True, rounds=2, docker=True
     ),
-    "reject-scratch-drop-mirror-allow": Mode(
-        Rules("reject", (("scratch/", "drop"), ("mirror/", "allow"))), inspect_content=False, rounds=1, docker=False
+    "reject-400-scratch-drop-mirror-allow": Mode(
+        Rules("reject", (("scratch/", "drop"), ("mirror/", "allow"))), inspect_content=False, rounds=1, docker=False,
+        reject_status=400,
     ),
 }
 
@@ -234,7 +248,9 @@ class Traffic:
     # SDKs
 
     async def oras_sdk(self, image: Image, repository: str, monkeypatch: pytest.MonkeyPatch) -> None:
-        oras_retry_pauses_skipped(monkeypatch)
+        retrying = self.mode.reject_status == 403
+        if retrying:
+            oras_retry_pauses_skipped(monkeypatch)
         client = oras.provider.Registry(self.host, insecure=True)
         client.session.request = functools.partial(client.session.request, timeout=CLIENT_TIMEOUT_SECONDS)
         folder = self.tmp.mktemp("oras")
@@ -249,8 +265,12 @@ class Traffic:
         blobs = [(layer.digest, layer.data, layer.media_type) for layer in image.layers]
         blobs.append((image.config_digest, image.config, "application/vnd.docker.container.image.v1+json"))
         if self.rejects(repository):
-            with pytest.raises(ValueError, match="Cannot respond to request for authentication"):
-                await asyncio.to_thread(upload, 0, *blobs[0])
+            if retrying:  # oras takes a 403 for an authentication challenge, retries it and never shows the reason
+                with pytest.raises(ValueError, match="Cannot respond to request for authentication"):
+                    await asyncio.to_thread(upload, 0, *blobs[0])
+            else:  # a 400 it hands back at once
+                response = await asyncio.to_thread(upload, 0, *blobs[0])
+                assert response.status_code == 400 and f"foreign layer {blobs[0][0]}" in response.text, response.text
             assert {decision for decision, _, _ in self.decisions(repository)} == {"reject"}
             return
         for index, blob in enumerate(blobs):
@@ -276,7 +296,7 @@ class Traffic:
         if self.rejects(repository):
             with pytest.raises(requests.HTTPError) as raised:
                 await asyncio.to_thread(push)
-            assert raised.value.response is not None and raised.value.response.status_code == 403
+            assert raised.value.response is not None and raised.value.response.status_code == self.mode.reject_status
             assert raised.value.response.json()["errors"][0]["code"] == "DENIED"
             return
         await asyncio.to_thread(push)
@@ -287,7 +307,7 @@ class Traffic:
     async def raw_forms(self, image: Image, repository: str) -> None:
         """Each form pushes one shared foreign base layer, then the image's own blobs and its manifest (with urls)."""
         http, base = self.day.http, self.day.gateway.url
-        refused = 403 if self.rejects(repository) else None
+        refused = self.mode.reject_status if self.rejects(repository) else None
         for form_name, form in PUSH_FORMS.items():
             for layer in image.foreign_layers:
                 answer = await form(http, base, repository, layer.data)
@@ -376,7 +396,8 @@ async def test_a_day_of_traffic(
     mode = MODES[mode_name]
     gateway = gateway_factory(
         registry, args=["--log-level", "info"],
-        config={"policy": {**mode.rules.policy(), "inspect_content": mode.inspect_content}},
+        config={"policy": {**mode.rules.policy(), "inspect_content": mode.inspect_content,
+                           "reject_status": mode.reject_status}},
     )  # fmt: skip
     shared = member(BASE_SEED)
     day = Day(gateway, registry, http, mode.rules, tuple(layer.data for layer in shared.foreign_layers))
@@ -444,3 +465,33 @@ async def test_a_day_of_traffic(
     figures = f"{mode_name}: {day.summary()}"
     print(figures, file=sys.stderr)
     (tmp_path_factory.mktemp("figures") / "day.txt").write_text(figures + "\n")
+
+
+async def test_the_checks_see_foreign_content_where_the_rule_blocks_and_a_wrong_pull(
+    gateway: GatewayProcess, registry: Registry, http: aiohttp.ClientSession
+) -> None:
+    """The day's checks can fail: blobs put straight into the registry, past the gateway."""
+    first, second = member(BASE_SEED).foreign_layers
+    day = Day(gateway, registry, http, Rules("drop", (("mirror/", "allow"),)), (first.data, second.data))
+    assert (await push_single_put(http, registry.url, MIRROR, first.data)).status == 201
+    day.check_storage("kept where the rule allows")
+
+    assert (await mount(http, registry.url, "win/mounted", first.digest, MIRROR)).status == 201
+    with pytest.raises(AssertionError, match=f"foreign content linked .*'win/mounted', '{first.digest}'"):
+        day.check_storage("mounted where the rule blocks")
+    day.tolerated_leaks.add(("win/mounted", first.digest))
+
+    recompressed = gzip.compress(gzip.decompress(second.data), compresslevel=1, mtime=0)
+    assert digest_of(recompressed) != second.digest
+    assert (await push_single_put(http, registry.url, "win/leak", recompressed)).status == 201
+    with pytest.raises(AssertionError, match=f"'win/leak', '{digest_of(recompressed)}'"):
+        day.check_storage("recompressed where the rule blocks")
+
+    image = build_image(150)
+    await push_image_blobs(http, registry.url, "apps/plain", image.blobs.values())
+    assert (await put_manifest(http, registry.url, "apps/plain", "1", image.manifest, image.media_type)).status == 201
+    day.accept("apps/plain", "1", image.manifest_digest, "straight to the registry")
+    await day.check_pulls("pulled back")
+    day.accept("apps/plain", "1", build_image(151).manifest_digest, "a digest the registry never had")
+    with pytest.raises(AssertionError, match="manifest digest"):
+        await day.check_pulls("pulled back, wrong digest")
