@@ -379,6 +379,32 @@ class Traffic:
         assert set(repositories[1:]) <= mounted, f"docker did not mount into {repositories[1:]}"
 
 
+async def rush_hour(traffic: Traffic, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The clients of a round at the same time, into fresh repositories (the skopeo pushes warm-cached, so they
+    mount), with ordinary pushes in every form and pulls in between."""
+    seed = 500
+    work = []
+    for area in traffic.mode.areas:
+        seed += 20
+        repository = functools.partial("{}/rush-{}".format, area)
+        work += [
+            traffic.skopeo_skipping(member(seed), repository("skopeo"), "1", oci=False, cache=traffic.warm_cache),
+            traffic.skopeo_skipping(member(seed + 1, flavour="oci"), repository("skopeo-oci"), "1", oci=True,
+                                    cache=traffic.fresh_cache()),
+            traffic.skopeo_uploading(member(seed + 2, flavour="oci", foreign_urls=False), repository("skopeo-upload"),
+                                     cache=traffic.fresh_cache(), mounts=False),
+            traffic.ctr(member(seed + 3), repository("ctr-nd"), non_distributable=True),
+            traffic.oras_sdk(member(seed + 5), repository("oras"), monkeypatch),
+            traffic.python_dxf(member(seed + 6), repository("dxf")),
+            traffic.raw_forms(member(seed + 7), repository("raw")),
+        ]  # fmt: skip
+    work.append(traffic.recompressing(traffic.podman, member(seed + 8), "win/rush-podman"))
+    work += [traffic.ordinary_push(build_image(seed + 9 + index), f"apps/rush-{form}", form)
+             for index, form in enumerate(PUSH_FORMS)]  # fmt: skip
+    work += [traffic.pull_ordinary("apps/plain", build_image(130)) for _ in range(3)]
+    await asyncio.gather(*work)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode_name", MODES)
 async def test_a_day_of_traffic(
@@ -461,6 +487,8 @@ async def test_a_day_of_traffic(
             ]
             for name, action in steps:
                 await day.step(f"round {round_}: {name}", action)
+
+    await day.step("rush hour: every client at once, in every area", functools.partial(rush_hour, traffic, monkeypatch))
 
     figures = f"{mode_name}: {day.summary()}"
     print(figures, file=sys.stderr)
