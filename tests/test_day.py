@@ -111,7 +111,8 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 @pytest.fixture
-def docker_daemons(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[DockerDaemon]]:
+def docker_daemons() -> Iterator[list[DockerDaemon]]:
+    """The daemons a test started, stopped at its end."""
     started: list[DockerDaemon] = []
     yield started
     for daemon in started:
@@ -137,9 +138,6 @@ class Traffic:
 
     def fresh_cache(self) -> Path:
         return self.tmp.mktemp("skopeo-fresh")
-
-    def blocked(self, repository: str) -> bool:
-        return self.day.blocks(repository)
 
     def rejects(self, repository: str) -> bool:
         return self.day.rules.action(repository) == "reject"
@@ -176,7 +174,7 @@ class Traffic:
         action = self.day.rules.action(repository)
         assert decided and {decision for decision, _, _ in decided} == {action}, (decided, output)
         if mounts:
-            assert ("POST" in {method for _, method, _ in decided}), f"skopeo did not mount: {decided}\n{output}"
+            assert "POST" in {method for _, method, _ in decided}, f"skopeo did not mount: {decided}\n{output}"
         if action == "reject":
             assert "foreign layer" in output, output
 
@@ -305,7 +303,7 @@ class Traffic:
     # the push forms spoken by hand
 
     async def raw_forms(self, image: Image, repository: str) -> None:
-        """Each form pushes one shared foreign base layer, then the image's own blobs and its manifest (with urls)."""
+        """Each form pushes the two shared foreign base layers, then the image's own blobs and its manifest (with urls)."""
         http, base = self.day.http, self.day.gateway.url
         refused = self.mode.reject_status if self.rejects(repository) else None
         for form_name, form in PUSH_FORMS.items():
@@ -514,6 +512,15 @@ async def test_the_checks_see_foreign_content_where_the_rule_blocks_and_a_wrong_
     assert (await push_single_put(http, registry.url, "win/leak", recompressed)).status == 201
     with pytest.raises(AssertionError, match=f"'win/leak', '{digest_of(recompressed)}'"):
         day.check_storage("recompressed where the rule blocks")
+
+    day.tolerated_leaks.add(("win/leak", digest_of(recompressed)))
+    day.check_storage("every leak tolerated")
+
+    session = await start_upload(http, registry.url, "win/unfinished")
+    patched = await call(http, "PATCH", session, data=second.data, headers={"Content-Type": "application/octet-stream"})
+    assert patched.status == 202, patched
+    with pytest.raises(AssertionError, match="upload sessions holding a foreign layer left open: .'win/unfinished/"):
+        day.check_storage("an upload session left open")
 
     image = build_image(150)
     await push_image_blobs(http, registry.url, "apps/plain", image.blobs.values())

@@ -268,6 +268,13 @@ class Day:
         assert not linked_where_blocked, (
             f"after step {step!r}: foreign content linked in repositories whose rule blocks: {linked_where_blocked}"
         )
+        uploads = self.registry.root / "docker/registry/v2/repositories"
+        unfinished = sorted(
+            str(data.parent.relative_to(uploads))
+            for data in uploads.glob("**/_uploads/*/data")
+            if self.blocks(str(data.parent.parent.parent.relative_to(uploads))) and self._inflates_to_foreign(data)
+        )
+        assert not unfinished, f"after step {step!r}: upload sessions holding a foreign layer left open: {unfinished}"
         kept_by = {digest for repository, digests in links.items() if not self.blocks(repository) for digest in digests}
         kept_by |= {digest for _, digest in self.tolerated_leaks}
         unaccounted = sorted(foreign - kept_by)
