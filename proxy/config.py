@@ -238,6 +238,7 @@ class PolicySettings:
     pretend_present: bool = field(default=False, metadata=parsed_by(parse_bool))
     manifest_check: bool = field(default=True, metadata=parsed_by(parse_bool))
     inspect_content: bool = field(default=False, metadata=parsed_by(parse_bool))
+    inspect_max_uploads: int = field(default=1024, metadata=parsed_by(parse_positive_int))
     leak_window: float = field(default=3600.0, metadata=parsed_by(parse_positive_float))
 
     @property

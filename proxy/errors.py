@@ -16,6 +16,7 @@ class ErrorKind:
     code: str
     status: int
     message: str
+    retry_after: int | None = None
 
     @property
     def upstream(self) -> bool:
@@ -45,6 +46,15 @@ AMBIGUOUS_PUSH = ErrorKind(
     "DIGEST_INVALID",
     400,
     "this push names its blob in a way registries read differently: name it once, with `&`-separated parameters",
+)
+UNVERIFIABLE_UPLOAD = ErrorKind(
+    "unverifiable_upload",
+    "BLOB_UPLOAD_INVALID",
+    400,
+    "the gateway could not inspect this upload, so it may not complete: start it again through the gateway",
+)
+INSPECTION_BUSY = ErrorKind(
+    "inspection_busy", "TOOMANYREQUESTS", 429, "too many uploads are being inspected: try again later", retry_after=10
 )
 NOT_A_FORWARD_PROXY = ErrorKind(
     "not_a_forward_proxy",
@@ -80,6 +90,7 @@ def error_response(error: GatewayError) -> web.Response:
         reason=reason_phrase(str(error)),
         body=error_body(error.kind.code, str(error), error.detail),
         content_type="application/json",
+        headers={"Retry-After": str(error.kind.retry_after)} if error.kind.retry_after is not None else None,
     )
 
 

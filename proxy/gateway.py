@@ -19,8 +19,10 @@ from proxy.errors import (
     FOREIGN_LAYER_DENIED,
     FOREIGN_LAYER_MISUSED,
     FORM_ENCODED_PUSH,
+    INSPECTION_BUSY,
     MANIFEST_TOO_LARGE,
     UNVERIFIABLE_DIGEST,
+    UNVERIFIABLE_UPLOAD,
     GatewayError,
     add_foreign_layer_hint,
 )
@@ -41,7 +43,13 @@ from proxy.headers import (
     upstream_request_headers,
     without_body_headers,
 )
-from proxy.inspection import LayerInspector, UploadInspections, inspected
+from proxy.inspection import (
+    InspectedUpload,
+    TentativeFeed,
+    UploadInspections,
+    UploadKey,
+    matches_range,
+)
 from proxy.known import KnownForeign
 from proxy.logs import log_event
 from proxy.manifests import (
@@ -62,8 +70,9 @@ from proxy.pushes import (
     names_blobs,
     read_push,
     registry_parses_digest,
+    split_field,
 )
-from proxy.routes import RouteKind, RouteMatch, split_query_parameter, with_query_items
+from proxy.routes import RouteKind, RouteMatch, match_route, with_query_items
 from proxy.store import Sighting
 
 logger = logging.getLogger("foreign_layer_proxy.gateway")
@@ -112,6 +121,16 @@ async def no_automatic_continue(request: web.Request) -> None:
     """Route expect-handler: aiohttp must not send 100 Continue before the policy decided."""
 
 
+def upload_session(status: int, location: str | None) -> UploadKey | None:
+    """The (repository, session id) of an upload the registry just opened."""
+    if status != 202 or location is None:
+        return None
+    session = match_route(URL(location, encoded=True).path)
+    if session.kind is not RouteKind.UPLOAD_SESSION or session.repository is None or session.reference is None:
+        return None
+    return session.repository, session.reference
+
+
 async def settle_body(request: web.Request, idle_timeout: float) -> bool:
     """Before the gateway answers a request it did not forward (a refusal, a drop): read what is left of its
     body, since many clients (python's requests among them) send all of it before they read any answer, and
@@ -137,7 +156,7 @@ class Gateway:
         self.known = known
         self.metrics = metrics
         self.cleaner = cleaner
-        self.inspections = UploadInspections(settings.policy.leak_window)
+        self.inspections = UploadInspections(settings.policy.inspect_max_uploads)
         self.seen_manifests = SeenManifests()
         self.settings = settings
         self.policy = settings.policy.policy
@@ -145,6 +164,7 @@ class Gateway:
 
     def reconfigure(self, settings: Settings) -> None:
         self.settings = settings
+        self.inspections.capacity = settings.policy.inspect_max_uploads
         self.policy = settings.policy.policy
         self.classifier = ForeignClassifier(settings.foreign.all_media_types, settings.foreign.urls_mark_foreign)
 
@@ -153,9 +173,11 @@ class Gateway:
         if names_blobs(route.kind, request.method):
             self.refuse_unverifiable_push(request, route)
         decision = self.decide(request, route)
-        if decision is None and self.settings.policy.inspect_content and route.kind is RouteKind.UPLOAD_SESSION:
+        if decision is None and self.inspects(route):
             return await self.forward_inspected(request, route)
         if decision is not None:
+            if route.kind is RouteKind.UPLOAD_SESSION:  # decided by name: its session is cancelled
+                self.inspections.finish((route.repository or "", route.reference or ""))
             return await self.apply(request, route, decision)
         if route.kind is RouteKind.MANIFEST and request.method == "PUT":
             return await self.forward_manifest_put(request, route)
@@ -175,10 +197,9 @@ class Gateway:
         reading = read_push(route.kind, request.method, request.raw_path)
         if reading.ambiguous is not None:
             raise GatewayError(AMBIGUOUS_PUSH, f"{AMBIGUOUS_PUSH.message} (got {reading.ambiguous})")
-        if self.settings.policy.inspect_content and route.kind is RouteKind.UPLOAD_SESSION:
-            return
+        inspected = self.inspects(route) and request.method == "PUT"  # its bytes tell, whatever it is named by
         other = [d for d in reading.digests if registry_parses_digest(d) and not d.startswith("sha256:")]
-        if other:
+        if other and not inspected:
             raise GatewayError(UNVERIFIABLE_DIGEST, f"{UNVERIFIABLE_DIGEST.message} (got {other[0][:20]}...)")
 
     async def apply(self, request: web.Request, route: RouteMatch, decision: Decision) -> web.StreamResponse:
@@ -195,36 +216,121 @@ class Gateway:
                 self.known.record_upload(route.repository, digest, self.settings.policy.leak_window)
         return response
 
+    def inspects(self, route: RouteMatch) -> bool:
+        """Uploads are inspected, with `policy.inspect_content`, in repositories whose rule keeps foreign layers out."""
+        return (
+            self.settings.policy.inspect_content
+            and route.kind in {RouteKind.UPLOAD_START, RouteKind.UPLOAD_SESSION}
+            and route.repository is not None
+            and self.policy.rule_for(route.repository)[1].blocks
+        )
+
     async def forward_inspected(self, request: web.Request, route: RouteMatch) -> web.StreamResponse:
-        """An upload session's request with its content inspected: PATCH bodies pass through the session's
-        inspector; a closing PUT is decided on the blob's diff_id before the registry may commit it."""
-        session = route.reference or ""
+        """An upload with its content inspected: the inspector opens with the session, follows what the registry
+        accepts, and decides the closing PUT on the blob's digest and diff_id before the registry may commit it."""
+        key = (route.repository or "", route.reference or "")
+        if request.method == "POST":
+            return await self.start_inspected(request, route)
         if request.method == "PATCH" and request.body_exists:
-            inspector = self.inspections.session(session)
-            await send_continue(request)
-            body = inspected(self.client_body(request), inspector)
+            return await self.patch_inspected(request, key)
+        if request.method == "PUT":
+            return await self.complete_inspected(request, route, key)
+        if request.method == "DELETE":
+            self.inspections.finish(key)
+        return await self.forward(request)
+
+    async def start_inspected(self, request: web.Request, route: RouteMatch) -> web.StreamResponse:
+        if request.body_exists and self.pushed_digests(request, route):
+            raise GatewayError(UNVERIFIABLE_UPLOAD, f"{UNVERIFIABLE_UPLOAD.message} (a monolithic POST is not inspected)")
+        if not self.inspections.reserve():
+            raise GatewayError(INSPECTION_BUSY)
+        reserved = True
+        try:
+            if request.body_exists:
+                await send_continue(request)
+            body = self.client_body(request) if request.body_exists else None
+            async with self.upstream.open("POST", request.raw_path, self.upstream_headers(request), body) as upstream:
+                opened = upload_session(upstream.status, upstream.headers.get("Location"))
+                if opened is not None:
+                    # Before the client has the answer: its next request may come on another connection.
+                    self.inspections.open(opened)
+                    reserved = False
+                return self.remember_upload(request, route, await self.respond(request, upstream, None))
+        finally:
+            if reserved:
+                self.inspections.release()
+
+    async def patch_inspected(self, request: web.Request, key: UploadKey) -> web.StreamResponse:
+        upload = self.inspections.get(key)
+        if upload is None:
+            return await self.forward(request)
+        if upload.busy:
+            upload.out_of_step = "two requests of the upload were under way at once"
+            return await self.forward(request)
+        await send_continue(request)
+        feed = TentativeFeed(upload.inspector)
+        upload.busy = True
+        answered = False
+        try:
+            body = feed.body(self.client_body(request))
             async with self.upstream.open("PATCH", request.raw_path, self.upstream_headers(request), body) as upstream:
+                await self.follow(upload, feed, upstream)
+                answered = True
                 return await self.respond(request, upstream, None)
-        digests = self.pushed_digests(request, route) if request.method == "PUT" else []
+        finally:
+            upload.busy = False
+            if not answered:
+                upload.out_of_step = upload.out_of_step or "a chunk broke off on its way to the registry"
+
+    @staticmethod
+    async def follow(upload: InspectedUpload, feed: TentativeFeed, upstream: ClientResponse) -> None:
+        """Keep what the registry accepted: the inspected copy, if its size is the registry's."""
+        fed = await feed.settled()
+        if upstream.status != 202:
+            return
+        if matches_range(fed, upstream.headers.get("Range")):
+            upload.inspector = fed
+        else:
+            upload.out_of_step = f"the registry holds {upstream.headers.get('Range')!r}, not {fed.size} bytes"
+
+    async def complete_inspected(self, request: web.Request, route: RouteMatch, key: UploadKey) -> web.StreamResponse:
+        digests = self.pushed_digests(request, route)
         if not digests or route.repository is None:
             return await self.forward(request)
-        inspector = self.inspections.finish(session) or LayerInspector()
+        upload = self.inspections.get(key)
         target = request.raw_path
-        if request.body_exists:
+        problem = "the gateway did not see this upload start" if upload is None else upload.unverifiable()
+        if upload is not None and problem is None and request.body_exists:
             # The closing PUT's body goes up as a PATCH of the session, so that the decision comes before
             # the commit; the session is then closed (or cancelled) by a bodiless PUT.
             await send_continue(request)
-            session_target, digest_items = split_query_parameter(request.raw_path, "digest")
-            body = inspected(self.client_body(request), inspector)
-            async with self.upstream.open("PATCH", session_target, self.upstream_headers(request), body) as patched:
-                location = patched.headers.get("Location")
-                if patched.status != 202 or location is None:
-                    return await self.respond(request, patched, None)
-                await patched.read()
+            session_target, digest_items = split_field(request.raw_path, "digest")
+            feed = TentativeFeed(upload.inspector)
+            upload.busy = True
+            try:
+                body = feed.body(self.client_body(request))
+                async with self.upstream.open("PATCH", session_target, self.upstream_headers(request), body) as patched:
+                    await self.follow(upload, feed, patched)
+                    location = patched.headers.get("Location")
+                    if patched.status != 202 or location is None:
+                        return await self.respond(request, patched, None)
+                    await patched.read()
+            except BaseException:
+                upload.out_of_step = upload.out_of_step or "the closing chunk broke off on its way to the registry"
+                raise
+            finally:
+                upload.busy = False
             target = with_query_items(URL(location, encoded=True).raw_path_qs, digest_items)
-        decision = self.policy.decide(route.repository, [inspector.digest()], self.known.layers) or self.policy.decide(
-            route.repository, [inspector.diff_id() or ""], {}, self.known.diff_ids
-        )
+            problem = upload.unverifiable()
+        self.inspections.finish(key)
+        if upload is None or problem is not None:
+            await self.cancel_upload(request, target)
+            log_event(logger, logging.WARNING, "unverifiable_upload", repository=route.repository, reason=problem,
+                      request_id=request[REQUEST_ID])  # fmt: skip
+            raise GatewayError(UNVERIFIABLE_UPLOAD, f"{UNVERIFIABLE_UPLOAD.message} ({problem})")
+        inspector = upload.inspector
+        found = [digest for digest in (inspector.digest(), inspector.diff_id()) if digest]
+        decision = self.policy.decide(route.repository, found, self.known.layers, self.known.diff_ids)
         if decision is not None:
             layer = replace(decision.layer, digest=digests[0], size=inspector.size)
             self.known.learn([layer], Sighting("inspection", route.repository))
@@ -321,7 +427,7 @@ class Gateway:
         try:
             headers = without_body_headers(self.upstream_headers(request))
             async with self.upstream.open("DELETE", session_target, headers) as response:
-                await response.read()
+                await read_capped(response.content, MAX_MANIFEST_BYTES)
                 status = response.status
         except GatewayError as error:
             status = error.kind.status
@@ -506,11 +612,16 @@ class Gateway:
                 upstream.headers, self.origins(request), None if body is None else len(body)
             ),
         )
-        await response.prepare(request)
-        if request.method != "HEAD":
-            if body is None:
-                await relay_body(upstream, response)
-            else:
-                await response.write(body)
-        await response.write_eof()
+        try:
+            await response.prepare(request)
+            if request.method != "HEAD":
+                if body is None:
+                    await relay_body(upstream, response)
+                else:
+                    await response.write(body)
+            await response.write_eof()
+        except ConnectionError as error:
+            # The client left (aiohttp raises ClientConnectionResetError for a write to its closing transport):
+            # not the upstream's failure, which Upstream.open would make of any aiohttp error raised here.
+            raise StreamAborted("client closed the connection") from error
         return response

@@ -240,3 +240,16 @@ def ambiguity(raw_query: str, pairs: Sequence[tuple[str, str]], rows: Sequence[C
         if len({value for key, value in pairs if key == name}) > 1:
             return f"more than one value of {name} (registries differ on which one they take)"
     return None
+
+
+def split_field(target: str, name: str) -> tuple[str, list[str]]:
+    """A raw request target without the query items the registry reads as `name` (however they are spelled),
+    and those items, byte-for-byte."""
+    path, question, query = target.partition("?")
+    if not question:
+        return target, []
+    kept: list[str] = []
+    taken: list[str] = []
+    for item in query.split("&"):
+        (taken if go_query_unescape(item.partition("=")[0]) == name else kept).append(item)
+    return (f"{path}?{'&'.join(kept)}" if kept else path), taken

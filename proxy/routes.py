@@ -73,18 +73,6 @@ def match_route(path: str) -> RouteMatch:
     return RouteMatch(RouteKind.OTHER)
 
 
-def split_query_parameter(target: str, name: str) -> tuple[str, list[str]]:
-    """A raw request target without the `name=...` items of its query, and those items, byte-for-byte."""
-    path, question, query = target.partition("?")
-    if not question:
-        return target, []
-    kept: list[str] = []
-    taken: list[str] = []
-    for item in query.split("&"):
-        (taken if item.split("=", 1)[0] == name else kept).append(item)
-    return (f"{path}?{'&'.join(kept)}" if kept else path), taken
-
-
 def with_query_items(target: str, items: list[str]) -> str:
     if not items:
         return target
