@@ -15,7 +15,7 @@ import functools
 import gzip
 import re
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -310,13 +310,10 @@ class Traffic:
             for layer in image.foreign_layers:
                 answer = await form(http, base, repository, layer.data)
                 self.expect_decided(answer, refused, f"{form_name} of {layer.digest} to {repository}")
-            if refused:
-                continue
-            for digest, data in image.blobs.items():
-                if digest not in {layer.digest for layer in image.foreign_layers}:
-                    answer = await form(http, base, repository, data)
-                    assert answer.status == 201, (form_name, answer)
-            await self.put_manifest(image, repository, form_name)
+            if not refused:
+                own = {digest: data for digest, data in image.blobs.items()
+                       if digest not in {layer.digest for layer in image.foreign_layers}}  # fmt: skip
+                await self.ordinary_push(own, image, repository, form_name, tag=form_name)
         first, second = image.foreign_layers
         answer = await mount(http, base, repository, first.digest, MIRROR)
         self.expect_decided(answer, refused, f"mount of {first.digest} from {MIRROR} to {repository}")
@@ -337,11 +334,18 @@ class Traffic:
         assert answer.status == 201, answer
         self.day.accept(repository, tag, image.manifest_digest, f"manifest PUT {repository}:{tag}")
 
-    async def ordinary_push(self, image: Image, repository: str, form: str) -> None:
-        for data in image.blobs.values():
+    async def ordinary_push(self, blobs: Mapping[str, bytes], image: Image, repository: str, form: str,
+                            tag: str = "1") -> None:  # fmt: skip
+        """`blobs` in push form `form`, then the image's manifest."""
+        for data in blobs.values():
             answer = await PUSH_FORMS[form](self.day.http, self.day.gateway.url, repository, data)
-            assert answer.status == 201, answer
-        await self.put_manifest(image, repository, "1")
+            if form == "monolithic-post" and self.mode.inspect_content and self.day.blocks(repository):
+                # The gateway cannot inspect a body the registry may commit at once: it fails closed, even for
+                # ordinary blobs (clients that first try a monolithic POST then get a 400, not the 202 of a session).
+                assert (answer.status, answer.error_codes) == (400, ["BLOB_UPLOAD_INVALID"]), answer
+                return
+            assert answer.status == 201, (form, answer)
+        await self.put_manifest(image, repository, tag)
 
     # dockerd 20.10
 
@@ -397,8 +401,9 @@ async def rush_hour(traffic: Traffic, monkeypatch: pytest.MonkeyPatch) -> None:
             traffic.raw_forms(member(seed + 7), repository("raw")),
         ]  # fmt: skip
     work.append(traffic.recompressing(traffic.podman, member(seed + 8), "win/rush-podman"))
-    work += [traffic.ordinary_push(build_image(seed + 9 + index), f"apps/rush-{form}", form)
-             for index, form in enumerate(PUSH_FORMS)]  # fmt: skip
+    ordinary = [build_image(seed + 9 + index) for index in range(len(PUSH_FORMS))]
+    work += [traffic.ordinary_push(image.blobs, image, f"apps/rush-{form}", form)
+             for image, form in zip(ordinary, PUSH_FORMS, strict=True)]  # fmt: skip
     work += [traffic.pull_ordinary("apps/plain", build_image(130)) for _ in range(3)]
     await asyncio.gather(*work)
 
@@ -434,8 +439,9 @@ async def test_a_day_of_traffic(
                    lambda: traffic.skopeo_skipping(shared, "win/base", "1", oci=False, cache=traffic.fresh_cache()))
     assert {entry["digest"] for entry in gateway.events("learned")} == day.foreign_digests
     await day.step("mirror: every blob of an OCI Windows image, foreign ones included, where the rule allows",
-                   lambda: traffic.ordinary_push(mirrored, MIRROR, "single-put"))
-    await day.step("ordinary push of a plain image", lambda: traffic.ordinary_push(plain, "apps/plain", "single-put"))
+                   functools.partial(traffic.ordinary_push, mirrored.blobs, mirrored, MIRROR, "single-put"))
+    await day.step("ordinary push of a plain image",
+                   functools.partial(traffic.ordinary_push, plain.blobs, plain, "apps/plain", "single-put"))
     await day.step("ordinary pull with skopeo from the mirror (its cache learns where the foreign blobs are)",
                    lambda: traffic.pull_ordinary(MIRROR, mirrored))
     if mode.docker:
@@ -470,7 +476,8 @@ async def test_a_day_of_traffic(
                 (f"ctr --allow-non-distributable-blobs to {area}", functools.partial(
                     traffic.ctr, own, repo("ctr-nd", round_), non_distributable=True)),
                 (f"ordinary push in chunked-encoding PATCHes, round {round_}", functools.partial(
-                    traffic.ordinary_push, build_image(140 + seed), f"apps/plain{seed}", "chunked-encoding-patch")),
+                    traffic.ordinary_push, (ordinary := build_image(140 + seed)).blobs, ordinary, f"apps/plain{seed}",
+                    "chunked-encoding-patch")),
                 (f"podman (recompressing) to {area}", functools.partial(
                     traffic.recompressing, traffic.podman, member(seed + 3), repo("podman", round_))),
                 (f"buildah (recompressing) to {area}", functools.partial(
