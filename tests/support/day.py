@@ -5,10 +5,12 @@ must hold after every one of them.
 answering is killed at once (so the clients waiting on it fail too) and the step fails, instead of the suite
 hanging. After the step `Day.check` asserts, in this order:
 - the gateway's CPU is idle again (a spinning loop is at 100 % of a core; a liveness check, not a speed one);
-- the gateway answers `/v2/` and the admin `/healthz` within a second;
+- the gateway answers `/v2/`, the admin `/healthz` and `/metrics` within a second (the event-loop lag gauges are
+  recorded from `/metrics`, here and by the watchdog);
 - no foreign content is in the registry's storage: neither a blob named by a known foreign digest nor one whose
   gzip'd content is a foreign layer's (a recompressed copy), linked in a repository whose rule blocks, or
-  committed at all unless a repository whose rule allows it links it;
+  committed at all unless a repository whose rule allows it links it (or it is a tolerated, reported leak), nor
+  held by an upload session left open in a repository whose rule blocks;
 - every image accepted so far pulls back through the gateway with the same manifest digest, every blob it
   names (foreign layers only where the rule allows them) with its digest.
 """
