@@ -31,7 +31,7 @@ async def healthz(request: web.Request) -> web.Response:
     body: dict[str, object] = {"status": "ok", "event_loop_lag_seconds": round(lag, 3)}
     if worst.lag <= limit:
         return web.json_response(body)
-    when = "is blocked" if worst.ended is None else f"was blocked {now - worst.ended:.0f} s ago"
+    when = "was blocked until now" if worst.ended is None else f"was blocked {now - worst.ended:.0f} s ago"
     body |= {"status": "unhealthy",
              "reason": f"the event loop {when} for {worst.lag:.1f} s, beyond server.max_loop_lag ({limit:g} s)"}
     return web.json_response(body, status=503)

@@ -13,6 +13,7 @@ import random
 import time
 import uuid
 import zlib
+from collections.abc import Iterator
 
 import aiohttp
 import pytest
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 from support.fixtures import GatewayFactory
 from support.gateway import GatewayProcess
 from support.images import Image, build_image
+from support.processes import require_binaries
 from support.protocol import (
     Answer,
     absolute,
@@ -30,7 +32,7 @@ from support.protocol import (
     teach,
     with_digest,
 )
-from support.registry import Registry
+from support.registry import Registry, RegistryConfig
 from yarl import URL
 
 from proxy.inspection import LayerInspector, UploadInspections, matches_range
@@ -129,7 +131,17 @@ def test_idle_uploads_give_their_place_back() -> None:
 # Against the real registry --------------------------------------------------------------------------------
 
 OCTETS = {"Content-Type": "application/octet-stream"}
-MADE_UP_SESSIONS = 300
+MADE_UP_SESSIONS = 1000
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """One registry for the module: every test pushes into repositories of its own."""
+    require_binaries("docker-registry")
+    shared = Registry(tmp_path_factory.mktemp("registry"), RegistryConfig(allow_foreign_urls=True))
+    shared.start()
+    yield shared
+    shared.stop()
 
 
 @pytest.fixture
@@ -176,8 +188,8 @@ async def test_patches_the_registry_refuses_are_not_inspected(
     assert accepted.status == 202, accepted
     answer = await call(http, "PUT", with_digest(absolute(gateway.url, accepted.headers["Location"]), sha512_of(foreign)))
 
-    assert (answer.status, answer.error_codes) == (403, ["DENIED"]), answer
     assert_not_stored(registry, "win/refused-patches", foreign)
+    assert (answer.status, answer.error_codes) == (403, ["DENIED"]), answer
 
 
 async def test_patches_to_made_up_sessions_do_not_displace_a_real_one(
@@ -204,8 +216,8 @@ async def test_patches_to_made_up_sessions_do_not_displace_a_real_one(
     assert other.status == 202, other  # the second place is still free
     answer = await call(http, "PUT", with_digest(absolute(gateway.url, accepted.headers["Location"]), sha512_of(foreign)))
 
-    assert (answer.status, answer.error_codes) == (403, ["DENIED"]), answer
     assert_not_stored(registry, "win/flooded", foreign)
+    assert (answer.status, answer.error_codes) == (403, ["DENIED"]), answer
 
 
 async def test_a_gzip_bomb_neither_blocks_the_gateway_nor_gets_committed(
@@ -245,8 +257,8 @@ async def test_an_upload_the_gateway_did_not_see_open_is_refused_and_cancelled(
 
     answer = await call(http, "PUT", with_digest(through_gateway, digest_of(ordinary)), data=ordinary, headers=OCTETS)
 
-    assert (answer.status, answer.error_codes) == (400, ["BLOB_UPLOAD_INVALID"]), answer
     assert not registry.links("win/unseen", digest_of(ordinary))
+    assert (answer.status, answer.error_codes) == (400, ["BLOB_UPLOAD_INVALID"]), answer
     assert (await call(http, "GET", direct)).status == 404  # cancelled
     again = await start_upload(http, gateway.url, "win/unseen")
     stored = await call(http, "PUT", with_digest(again, digest_of(ordinary)), data=ordinary, headers=OCTETS)
@@ -276,8 +288,8 @@ async def test_a_disguised_foreign_layer_pushed_in_chunks_is_never_committed(
 
     answer = await call(http, "PUT", with_digest(location, digest))
 
-    assert (answer.status, answer.error_codes) == (403, ["DENIED"]), answer
     assert_not_stored(registry, f"win/{named}", data)
+    assert (answer.status, answer.error_codes) == (403, ["DENIED"]), answer
 
 
 async def test_past_the_inspection_capacity_new_uploads_wait_with_429(

@@ -10,6 +10,8 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 from support.fixtures import GatewayFactory, gateway_knowing
 from support.gateway import GatewayProcess
 from support.images import Image, build_image
@@ -25,7 +27,11 @@ from support.protocol import (
 )
 from support.registry import Registry
 
-from proxy.watchdog import LoopLag, lag_after_sleep
+from proxy.admin import create_admin_app
+from proxy.app import SETTINGS, WATCHDOG
+from proxy.config import ServerSettings, Settings
+from proxy.logs import EVENT_FIELD
+from proxy.watchdog import LoopLag, LoopWatchdog, lag_after_sleep
 
 # A step that never answers is a frozen gateway: the bound is generous, the healthy answer takes milliseconds.
 STEP_SECONDS = 10.0
@@ -140,6 +146,36 @@ async def test_the_watchdog_exports_the_loop_lag_and_a_healthy_loop_is_healthy(
     health = await call(http, "GET", f"{gateway.admin_url}/healthz")
     assert health.status == 200 and health.json()["status"] == "ok", health
     assert health.json()["event_loop_lag_seconds"] == pytest.approx(latest, abs=0.5)
+
+
+# The watchdog in this test's own process: the test blocks its own event loop, as a runaway loop would
+
+
+async def test_a_blocked_loop_is_logged_while_it_lasts_and_makes_healthz_unhealthy_after(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gateway_app = web.Application()
+    gateway_app[SETTINGS] = Settings(server=ServerSettings(max_loop_lag=0.5))
+    watchdog = gateway_app[WATCHDOG] = LoopWatchdog(interval=0.05, warning=0.2)
+    ticking = asyncio.create_task(watchdog.run())
+    async with TestClient(TestServer(create_admin_app(gateway_app))) as admin:
+        await asyncio.sleep(0.2)
+        assert (await admin.get("/healthz")).status == 200
+        with caplog.at_level("WARNING", logger="foreign_layer_proxy.watchdog"):
+            time.sleep(1.0)  # noqa: ASYNC251  (on purpose: the loop runs nothing for a second)
+            blocked_while_it_lasted = [r for r in caplog.records if r.getMessage() == "event_loop_blocked"]
+            answer = await admin.get("/healthz")
+            body = await answer.json()
+        await asyncio.sleep(0.2)
+        later = await admin.get("/healthz")
+    ticking.cancel()
+    assert blocked_while_it_lasted, "the watchdog thread did not see the stall while it lasted"
+    assert answer.status == 503 and body["status"] == "unhealthy", body
+    assert "server.max_loop_lag" in body["reason"], body
+    assert later.status == 503, "a stall must stay visible for a while after the loop runs again"
+    lags = [getattr(r, EVENT_FIELD)["lag_seconds"] for r in caplog.records if r.getMessage() == "event_loop_lag"]
+    assert lags and max(lags) >= 0.9, lags
+    assert 0.9 <= watchdog.lag.largest(watchdog.clock()) < 5.0
 
 
 # The pure parts of the watchdog

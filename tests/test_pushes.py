@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import string
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import aiohttp
@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support.fixtures import GatewayFactory, gateway_knowing
 from support.images import Image, build_image
+from support.processes import require_binaries
 from support.protocol import (
     Answer,
     absolute,
@@ -24,7 +25,7 @@ from support.protocol import (
     push_single_put,
     start_upload,
 )
-from support.registry import Registry
+from support.registry import Registry, RegistryConfig
 from yarl import URL
 
 from proxy.pushes import (
@@ -47,7 +48,7 @@ from proxy.routes import RouteKind
 D = "sha256:" + "d" * 64
 START = "/v2/team/app/blobs/uploads/"
 SESSION = "/v2/team/app/blobs/uploads/0b4a-uuid?_state=abc%3D"
-HYPOTHESIS = settings(derandomize=True, database=None, max_examples=300, deadline=None)
+HYPOTHESIS = settings(derandomize=True, database=None, max_examples=150, deadline=None)
 
 # The pure table ------------------------------------------------------------------------------------------
 
@@ -286,7 +287,7 @@ def encoded(draw: st.DrawFn, text: str) -> str:
 
 
 @given(st.lists(st.tuples(QUERY_TEXT, QUERY_TEXT), max_size=5), st.data())
-@HYPOTHESIS
+@settings(HYPOTHESIS, max_examples=60)
 def test_go_parse_query_decodes_what_any_client_encodes(pairs: list[tuple[str, str]], data: st.DataObject) -> None:
     raw = "&".join(f"{data.draw(encoded(key))}={data.draw(encoded(value))}" for key, value in pairs)
     assert go_parse_query(raw) == pairs
@@ -411,6 +412,16 @@ CASES = {
 
 def test_every_row_has_an_integration_case() -> None:
     assert {case.row for case in CASES.values()} == {(row.kind, row.method, row.field) for row in COMMIT_ROWS}
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """One registry for the module: every test pushes into repositories of its own."""
+    require_binaries("docker-registry")
+    shared = Registry(tmp_path_factory.mktemp("registry"), RegistryConfig(allow_foreign_urls=True))
+    shared.start()
+    yield shared
+    shared.stop()
 
 
 @pytest.fixture(scope="module")
