@@ -121,7 +121,7 @@ class Day:
     foreign_layers: tuple[bytes, ...]  # the shared foreign base layers, as first pushed
     accepted: list[Accepted] = field(default_factory=list)
     steps: list[StepRecord] = field(default_factory=list)
-    lag_samples: list[float] = field(default_factory=list)
+    lag_samples: list[tuple[float, str]] = field(default_factory=list)  # (seconds, during or after which step)
     lag_max_reported: float | None = None
     # (repository, digest) of recompressed foreign layers a client committed where the gateway could not know them
     # (inspect_content off), each one reported by the gateway as `leaked`: the known gap, tracked explicitly.
@@ -171,7 +171,7 @@ class Day:
             await asyncio.sleep(WATCH_INTERVAL_SECONDS)
             try:
                 async with asyncio.timeout(PROBE_SECONDS):
-                    await self._probe_admin()
+                    await self._probe_admin(step)
                 missed = 0
             except (TimeoutError, aiohttp.ClientError, AssertionError):
                 missed += 1
@@ -183,17 +183,17 @@ class Day:
                     f"{PROBE_SECONDS:g} s, at {cpu:.0%} of a core; killed it\n{self.gateway.process.log_text()[-3000:]}"
                 )
 
-    async def _probe_admin(self) -> None:
+    async def _probe_admin(self, step: str) -> None:
         async with self.http.get(f"{self.gateway.admin_url}/healthz") as response:
             assert response.status == 200, response.status
         async with self.http.get(f"{self.gateway.admin_url}/metrics") as response:
-            self._record_lag(await response.text())
+            self._record_lag(await response.text(), step)
 
-    def _record_lag(self, exposition: str) -> None:
+    def _record_lag(self, exposition: str, step: str) -> None:
         for family in text_string_to_metric_families(exposition):
             for sample in family.samples:
                 if sample.name == LAG_GAUGE:
-                    self.lag_samples.append(sample.value)
+                    self.lag_samples.append((sample.value, step))
                 elif sample.name == LAG_MAX_GAUGE:
                     self.lag_max_reported = sample.value
 
@@ -231,7 +231,7 @@ class Day:
                 async with asyncio.timeout(PROBE_SECONDS), self.http.get(url) as response:
                     assert response.status == 200, f"after step {step!r}: {url} answered {response.status}"
                     if url.endswith("/metrics"):
-                        self._record_lag(await response.text())
+                        self._record_lag(await response.text(), step)
             except TimeoutError:
                 raise AssertionError(f"after step {step!r}: {url} gave no answer within {PROBE_SECONDS:g} s") from None
 
@@ -308,8 +308,10 @@ class Day:
 
     def summary(self) -> str:
         slowest = max(self.steps, key=lambda record: record.seconds)
+        worst = max(self.lag_samples, default=(0.0, ""))
         lag = (
-            f"max {max(self.lag_samples) * 1000:.1f} ms over {len(self.lag_samples)} samples during and after steps, "
+            f"max {worst[0] * 1000:.1f} ms (at {worst[1]!r}) over {len(self.lag_samples)} samples during and after "
+            "steps, "
             f"{LAG_MAX_GAUGE} {(self.lag_max_reported or 0.0) * 1000:.1f} ms"
             if self.lag_samples else f"not exported ({LAG_GAUGE} absent from /metrics)"
         )
