@@ -272,4 +272,7 @@ def runner_for(app: web.Application, settings: Settings) -> web.AppRunner:
         read_bufsize=STREAM_BUFFER_BYTES,
         keepalive_timeout=settings.server.idle_timeout,
         shutdown_timeout=settings.server.shutdown_timeout,
+        # An answer whose request body was left unread (see gateway.settle_body) closes the connection once
+        # sent, instead of aiohttp reading on for up to 10 s what may be the client's next request.
+        lingering_time=0,
     )

@@ -35,6 +35,16 @@ def registry(registry_factory: RegistryFactory) -> Registry:
     return registry_factory(RegistryConfig(allow_foreign_urls=True))
 
 
+@pytest.fixture(scope="module")
+def module_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """One registry for a whole module whose tests each push into repositories of their own."""
+    require_binaries("docker-registry")
+    registry = Registry(tmp_path_factory.mktemp("registry"), RegistryConfig(allow_foreign_urls=True))
+    registry.start()
+    yield registry
+    registry.stop()
+
+
 @pytest.fixture
 def skopeo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     require_binaries("skopeo", "unshare")

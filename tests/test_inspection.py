@@ -13,7 +13,6 @@ import random
 import time
 import uuid
 import zlib
-from collections.abc import Iterator
 
 import aiohttp
 import pytest
@@ -22,7 +21,6 @@ from hypothesis import strategies as st
 from support.fixtures import GatewayFactory
 from support.gateway import GatewayProcess
 from support.images import Image, build_image
-from support.processes import require_binaries
 from support.protocol import (
     Answer,
     absolute,
@@ -32,7 +30,7 @@ from support.protocol import (
     teach,
     with_digest,
 )
-from support.registry import Registry, RegistryConfig
+from support.registry import Registry
 from yarl import URL
 
 from proxy.inspection import LayerInspector, UploadInspections, matches_range
@@ -134,15 +132,10 @@ OCTETS = {"Content-Type": "application/octet-stream"}
 MADE_UP_SESSIONS = 1000
 
 
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    """One registry for the module: every test pushes into repositories of its own."""
-    require_binaries("docker-registry")
-    shared = Registry(tmp_path_factory.mktemp("registry"), RegistryConfig(allow_foreign_urls=True))
-    shared.start()
-    yield shared
-    shared.stop()
 
+@pytest.fixture(scope="module")
+def registry(module_registry: Registry) -> Registry:
+    return module_registry
 
 @pytest.fixture
 def windows_image() -> Image:
@@ -162,10 +155,16 @@ def sha512_of(data: bytes) -> str:
     return "sha512:" + hashlib.sha512(data).hexdigest()
 
 
-def assert_not_stored(registry: Registry, repository: str, data: bytes) -> None:
+def assert_kept_out(registry: Registry, repository: str, data: bytes, answer: Answer) -> None:
+    """Neither linked (by its sha256 or sha512) nor stored, and refused as the reject rule says."""
     for digest in (digest_of(data), sha512_of(data)):
         assert not registry.links(repository, digest), f"{digest[:20]} linked into {repository}"
     assert not registry.blob_data_path(digest_of(data)).exists()
+    assert (answer.status, answer.error_codes) == (403, ["DENIED"]), answer
+
+
+async def close_as_sha512(http: aiohttp.ClientSession, base: str, patched: Answer, data: bytes) -> Answer:
+    return await call(http, "PUT", with_digest(absolute(base, patched.headers["Location"]), sha512_of(data)))
 
 
 async def patch(http: aiohttp.ClientSession, location: URL, data: bytes, headers: dict[str, str]) -> Answer:
@@ -186,10 +185,9 @@ async def test_patches_the_registry_refuses_are_not_inspected(
     assert bad_session.status >= 400, bad_session
     accepted = await patch(http, location, foreign, OCTETS)
     assert accepted.status == 202, accepted
-    answer = await call(http, "PUT", with_digest(absolute(gateway.url, accepted.headers["Location"]), sha512_of(foreign)))
+    answer = await close_as_sha512(http, gateway.url, accepted, foreign)
 
-    assert_not_stored(registry, "win/refused-patches", foreign)
-    assert (answer.status, answer.error_codes) == (403, ["DENIED"]), answer
+    assert_kept_out(registry, "win/refused-patches", foreign, answer)
 
 
 async def test_patches_to_made_up_sessions_do_not_displace_a_real_one(
@@ -214,10 +212,9 @@ async def test_patches_to_made_up_sessions_do_not_displace_a_real_one(
     assert all(status >= 400 for status in statuses)
     other = await call(http, "POST", f"{gateway.url}/v2/win/other/blobs/uploads/")
     assert other.status == 202, other  # the second place is still free
-    answer = await call(http, "PUT", with_digest(absolute(gateway.url, accepted.headers["Location"]), sha512_of(foreign)))
+    answer = await close_as_sha512(http, gateway.url, accepted, foreign)
 
-    assert_not_stored(registry, "win/flooded", foreign)
-    assert (answer.status, answer.error_codes) == (403, ["DENIED"]), answer
+    assert_kept_out(registry, "win/flooded", foreign, answer)
 
 
 async def test_a_gzip_bomb_neither_blocks_the_gateway_nor_gets_committed(
@@ -288,8 +285,7 @@ async def test_a_disguised_foreign_layer_pushed_in_chunks_is_never_committed(
 
     answer = await call(http, "PUT", with_digest(location, digest))
 
-    assert_not_stored(registry, f"win/{named}", data)
-    assert (answer.status, answer.error_codes) == (403, ["DENIED"]), answer
+    assert_kept_out(registry, f"win/{named}", data, answer)
 
 
 async def test_past_the_inspection_capacity_new_uploads_wait_with_429(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import string
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -16,7 +16,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support.fixtures import GatewayFactory, gateway_knowing
 from support.images import Image, build_image
-from support.processes import require_binaries
 from support.protocol import (
     Answer,
     absolute,
@@ -25,7 +24,7 @@ from support.protocol import (
     push_single_put,
     start_upload,
 )
-from support.registry import Registry, RegistryConfig
+from support.registry import Registry
 from yarl import URL
 
 from proxy.pushes import (
@@ -414,15 +413,10 @@ def test_every_row_has_an_integration_case() -> None:
     assert {case.row for case in CASES.values()} == {(row.kind, row.method, row.field) for row in COMMIT_ROWS}
 
 
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    """One registry for the module: every test pushes into repositories of its own."""
-    require_binaries("docker-registry")
-    shared = Registry(tmp_path_factory.mktemp("registry"), RegistryConfig(allow_foreign_urls=True))
-    shared.start()
-    yield shared
-    shared.stop()
 
+@pytest.fixture(scope="module")
+def registry(module_registry: Registry) -> Registry:
+    return module_registry
 
 @pytest.fixture(scope="module")
 def pushes_image() -> Image:
