@@ -1,7 +1,7 @@
 PYTHON := .venv/bin/python
-SYSTEM_PACKAGES := docker-registry skopeo containerd podman buildah redis-server haproxy nginx apache2-utils wrk
+SYSTEM_PACKAGES := docker-registry skopeo containerd podman buildah docker.io redis-server haproxy nginx apache2-utils wrk
 # The binaries that tell whether SYSTEM_PACKAGES are installed.
-SYSTEM_BINARIES := docker-registry skopeo containerd ctr podman redis-server haproxy nginx htpasswd wrk
+SYSTEM_BINARIES := docker-registry skopeo containerd ctr podman buildah dockerd redis-server haproxy nginx htpasswd wrk
 
 .PHONY: run test check lint typecheck system-deps run-deps python-deps go-tools bench demo
 

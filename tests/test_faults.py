@@ -9,6 +9,7 @@ The soak's size comes from the environment (defaults fit CI's 2 cores):
     SOAK_PUSHERS  concurrent pushes of different images          (default 50;  the issue: 200)
     SOAK_PULLERS  concurrent manifest-and-blob pulls              (default 200; the issue: 1000)
     SOAK_SECONDS  how long both keep going                        (default 20;  the issue: 60)
+Each pusher takes every push form of support.protocol.PUSH_FORMS in turn.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from support.gateway import GatewayProcess
 from support.images import Image, build_image
 from support.processes import ManagedProcess, require_binaries
 from support.protocol import (
+    PUSH_FORMS,
     Answer,
     call,
     digest_of,
@@ -423,6 +425,7 @@ SOAK_PULLERS = int(os.environ.get("SOAK_PULLERS", "200"))
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "20"))
 SOAK_MAX_ROUNDS = 100_000  # per worker: the loops are bounded in count as well as in time
 SOAK_PULL_TARGETS = 8
+SOAK_REQUEST_TIMEOUT_SECONDS = 30.0
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
@@ -461,7 +464,9 @@ async def test_soak_concurrent_pushes_and_pulls(
     gateway = gateway_factory(registry, args=["--log-level", "warning"])
     pid = gateway.process.pid
     connector = aiohttp.TCPConnector(limit=SOAK_PUSHERS + SOAK_PULLERS + 8)
-    async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as http:
+    # Bounded, so that a gateway that stops answering fails the soak instead of hanging it.
+    timeout = aiohttp.ClientTimeout(total=SOAK_REQUEST_TIMEOUT_SECONDS)
+    async with aiohttp.ClientSession(connector=connector, auto_decompress=False, timeout=timeout) as http:
         foreign_images = [build_image(80 + index, foreign=1, os="windows") for index in range(4)]
         for index, image in enumerate(foreign_images):
             await teach(http, gateway.url, f"soak/base{index}", image)
@@ -476,6 +481,7 @@ async def test_soak_concurrent_pushes_and_pulls(
         halfway = time.monotonic() + SOAK_SECONDS / 2
         failures: list[str] = []
         pushes = pulls = 0
+        pushes_by_form = dict.fromkeys(PUSH_FORMS, 0)
         samples: list[tuple[float, int, int]] = []
 
         async def pusher(worker: int) -> None:
@@ -486,14 +492,17 @@ async def test_soak_concurrent_pushes_and_pulls(
                 foreign = foreign_images[round_ % len(foreign_images)] if (worker + round_) % 3 == 0 else None
                 manifest, blobs = soak_image(worker, round_, foreign)
                 repository = f"soak/push{worker}"
+                # Every push form in turn, so each one meets known foreign blobs, and bodiless closing PUTs pile up.
+                form = list(PUSH_FORMS)[(worker + round_) % len(PUSH_FORMS)]
                 for data in blobs.values():
-                    answer = await push_single_put(http, gateway.url, repository, data)
+                    answer = await PUSH_FORMS[form](http, gateway.url, repository, data)
                     if answer.status != 201:
-                        failures.append(f"blob push to {repository}: {answer.status} {answer.body[:200]!r}")
+                        failures.append(f"{form} blob push to {repository}: {answer.status} {answer.body[:200]!r}")
                 answer = await put_manifest(http, gateway.url, repository, f"r{round_}", manifest, DOCKER_MANIFEST)
                 if answer.status != 201:
                     failures.append(f"manifest push to {repository}: {answer.status} {answer.body[:200]!r}")
                 pushes += 1
+                pushes_by_form[form] += 1
 
         async def puller(worker: int) -> None:
             nonlocal pulls
@@ -525,6 +534,7 @@ async def test_soak_concurrent_pushes_and_pulls(
         )
     assert failures == [], f"{len(failures)} failures, e.g. {failures[:5]}"
     assert pushes >= SOAK_PUSHERS and pulls >= SOAK_PULLERS, (pushes, pulls)
+    assert all(pushes_by_form.values()), pushes_by_form
 
     for image in foreign_images:
         assert not registry.blob_data_path(image.foreign_layers[0].digest).exists()
@@ -541,7 +551,8 @@ async def test_soak_concurrent_pushes_and_pulls(
     after_rss = rss_bytes(pid)
     mib = 1024 * 1024
     figures = (
-        f"soak {SOAK_PUSHERS} pushers + {SOAK_PULLERS} pullers for {SOAK_SECONDS:g} s: {pushes} pushes, {pulls} pulls; "
+        f"soak {SOAK_PUSHERS} pushers + {SOAK_PULLERS} pullers for {SOAK_SECONDS:g} s: {pushes} pushes "
+        f"({', '.join(f'{form} {count}' for form, count in pushes_by_form.items())}), {pulls} pulls; "
         f"gateway VmRSS {baseline_rss / mib:.1f} MiB before, {half_rss / mib:.1f} at half time, "
         f"{end_rss / mib:.1f} peak, {after_rss / mib:.1f} after; fds {baseline_fds} before, {peak_fds} peak, "
         f"{open_fds(pid)} after, of which {pooled} idle pooled connections to the registry"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import urllib.error
 import urllib.request
@@ -138,6 +139,8 @@ class Containerd(Service):
 class Podman:
     """podman with its own storage, configuration and blob-info cache in `workdir`."""
 
+    binary = "podman"
+
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         storage_conf = workdir / "storage.conf"
@@ -187,7 +190,57 @@ class Podman:
         return self.run("push", "--tls-verify=false", image, dest, timeout=timeout)
 
     def _podman(self, *args: str | Path) -> list[str]:
-        return with_private_blob_info_cache(["podman", *args], self.cache_dir)
+        return with_private_blob_info_cache([self.binary, *args], self.cache_dir)
+
+
+class Buildah(Podman):
+    """buildah reads the same storage and containers configuration, and its pull and push take podman's flags."""
+
+    binary = "buildah"
+
+
+class DockerDaemon(Service):
+    """A private dockerd 20.10 (no bridge, no iptables, vfs storage) and the package's own `docker` client.
+
+    `insecure` registries (HOST:PORT) are spoken to in plain HTTP. dockerd starts its own containerd under the
+    exec root.
+    """
+
+    DOCKERD = "/usr/sbin/dockerd"
+    DOCKER = "/usr/bin/docker"
+
+    def __init__(self, workdir: Path, insecure: Sequence[str]) -> None:
+        self.workdir = workdir
+        self.socket = workdir / "docker.sock"
+        # dockerd's containerd puts its socket deeper under the exec root.
+        if len(str(workdir / "exec" / "containerd" / "containerd.sock")) > MAX_SOCKET_PATH:
+            raise ValueError(f"path too long for dockerd's unix sockets: {workdir}")
+        config = workdir / "daemon.json"
+        config.write_text(json.dumps({"insecure-registries": list(insecure)}))
+        self.process = ManagedProcess(
+            [
+                self.DOCKERD, "--config-file", config,
+                "--bridge", "none", "--iptables=false", "--ip6tables=false", "--storage-driver", "vfs",
+                "--data-root", workdir / "data", "--exec-root", workdir / "exec",
+                "--pidfile", workdir / "docker.pid", "--host", f"unix://{self.socket}",
+            ],
+            log_path=workdir / "dockerd.log",
+        )  # fmt: skip
+        self.env = {"DOCKER_CONFIG": str(workdir / "client")}
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.process.start()
+        self.process.wait_until(
+            lambda: self.socket.exists() and self.run("version", timeout=10).returncode == 0,
+            timeout=timeout,
+            what=f"answer on {self.socket}",
+        )
+
+    def stop(self) -> None:
+        self.process.stop()
+
+    def run(self, *args: str | Path, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        return run([self.DOCKER, "--host", f"unix://{self.socket}", *args], timeout=timeout, env=self.env)
 
 
 def blob_status(base_url: str, repository: str, digest: str) -> int:

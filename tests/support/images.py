@@ -192,6 +192,19 @@ def build_image(
                 urls=urls if is_foreign and foreign_urls else (),
             )
         )
+    return assemble_image(layers, seed=seed, flavour=flavour, os=os, architecture=architecture)
+
+
+def assemble_image(
+    layers: Sequence[Layer],
+    *,
+    seed: int,
+    flavour: Flavour = "docker",
+    os: str = "linux",
+    architecture: str = "amd64",
+) -> Image:
+    """The config and manifest over `layers` (e.g. another image's foreign base layers and layers of its own)."""
+    types = _MEDIA_TYPES[flavour]
     config = _json_bytes(
         {
             "architecture": architecture,
@@ -310,6 +323,21 @@ def _write_tar(files: Mapping[str, bytes], path: Path) -> Path:
             info.mode = 0o644
             tar.addfile(info, io.BytesIO(data))
     return path
+
+
+def docker_archive_files(image: Image, tag: str) -> dict[str, bytes]:
+    """`docker save` layout (what `docker load` reads), relative path -> content; `tag` is e.g. `day/app:1`."""
+    layer_paths = [f"{_hex(layer.digest)}/layer.tar" for layer in image.layers]
+    config_path = f"{_hex(image.config_digest)}.json"
+    index = [{"Config": config_path, "RepoTags": [tag], "Layers": layer_paths}]
+    files = {"manifest.json": json.dumps(index).encode(), config_path: image.config}
+    # docker load takes gzip'd layer files as they are and checks them against the config's diff_ids.
+    files |= {path: layer.data for path, layer in zip(layer_paths, image.layers, strict=True)}
+    return files
+
+
+def write_docker_archive(image: Image, path: Path, tag: str) -> Path:
+    return _write_tar(docker_archive_files(image, tag), path)
 
 
 def write_dir(artifact: Artifact, path: Path) -> Path:

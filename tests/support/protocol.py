@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,3 +149,35 @@ def ordinary_blobs(image: Image) -> list[bytes]:
 async def upstream_has(http: aiohttp.ClientSession, registry: Registry, repository: str, digest: str) -> bool:
     answer = await call(http, "HEAD", f"{registry.url}/v2/{repository}/blobs/{digest}")
     return answer.status == 200
+
+
+async def push_monolithic_post_or_put(session: aiohttp.ClientSession, base: str, repository: str, data: bytes) -> Answer:
+    """A monolithic POST; where the registry opens a session instead (distribution), the single PUT clients then send."""
+    answer = await push_monolithic_post(session, base, repository, data)
+    if answer.status != 202:
+        return answer
+    return await call(
+        session, "PUT", with_digest(absolute(base, answer.headers["Location"]), digest_of(data)), data=data,
+        headers={"Content-Type": "application/octet-stream"},
+    )  # fmt: skip
+
+
+async def push_patch_then_empty_put(session: aiohttp.ClientSession, base: str, repository: str, data: bytes) -> Answer:
+    """POST, one PATCH with the whole blob (Content-Length), then an empty PUT ?digest (docker, crane, skopeo)."""
+    return await push_chunked(session, base, repository, data, chunk_size=max(len(data), 1))
+
+
+async def push_chunked_encoding(session: aiohttp.ClientSession, base: str, repository: str, data: bytes) -> Answer:
+    return await push_streamed(session, base, repository, (data[offset : offset + 4096] for offset in range(0, len(data), 4096)))
+
+
+PushForm = Callable[[aiohttp.ClientSession, str, str, bytes], Awaitable[Answer]]
+
+# Every way of pushing a blob's bytes: each answers 201 once the blob is stored (or dropped).
+PUSH_FORMS: dict[str, PushForm] = {
+    "monolithic-post": push_monolithic_post_or_put,
+    "single-put": push_single_put,
+    "patch-then-empty-put": push_patch_then_empty_put,
+    "patch-chunks-with-content-range": push_chunked,
+    "chunked-encoding-patch": push_chunked_encoding,
+}
