@@ -71,6 +71,7 @@ from proxy.manifests import (
 from proxy.metrics import Metrics
 from proxy.policy import Action, Decision, ManifestReview, review_manifest
 from proxy.pushes import (
+    Field,
     form_body_refusal,
     names_blobs,
     read_push,
@@ -253,9 +254,12 @@ class Gateway:
         reading = read_push(route.kind, request.method, request.raw_path)
         if reading.ambiguous is not None:
             raise GatewayError(AMBIGUOUS_PUSH, f"{AMBIGUOUS_PUSH.message} (got {reading.ambiguous})")
-        inspected = self.inspects(route) and request.method == "PUT"  # its bytes tell, whatever it is named by
-        other = [d for d in reading.digests if registry_parses_digest(d) and not d.startswith("sha256:")]
-        if other and not inspected:
+        # An inspected upload's bytes tell, whatever it is named by; a mount has no bytes.
+        inspected = self.inspects(route) and request.method in {"PUT", "POST"}
+        other = [blob.digest for blob in reading.named
+                 if registry_parses_digest(blob.digest) and not blob.digest.startswith("sha256:")
+                 and not (inspected and blob.row.field is Field.DIGEST)]  # fmt: skip
+        if other:
             raise GatewayError(UNVERIFIABLE_DIGEST, f"{UNVERIFIABLE_DIGEST.message} (got {other[0][:20]}...)")
 
     async def apply(self, request: web.Request, route: RouteMatch, decision: Decision) -> web.StreamResponse:
@@ -303,16 +307,21 @@ class Gateway:
         return await self.forward(request)
 
     async def start_inspected(self, request: web.Request, route: RouteMatch) -> web.StreamResponse:
-        if request.body_exists and self.pushed_digests(request, route):
-            raise GatewayError(UNVERIFIABLE_UPLOAD, f"{UNVERIFIABLE_UPLOAD.message} (a monolithic POST is not inspected)")
         if not self.inspections.reserve():
             raise GatewayError(INSPECTION_BUSY)
         reserved = True
+        target, headers, body = request.raw_path, self.upstream_headers(request), None
         try:
-            if request.body_exists:
+            if request.body_exists and self.pushed_digests(request, route):
+                # A monolithic POST would let the registry commit a body nobody inspected: the registry is asked
+                # for a session instead (the spec's answer of a registry without monolithic uploads, and always
+                # distribution's), so the client sends the blob again in requests the inspector follows.
+                target, headers = split_field(request.raw_path, "digest")[0], without_body_headers(headers)
+                await settle_body(request, self.settings.server.idle_timeout)
+            elif request.body_exists:
                 await send_continue(request)
-            body = self.client_body(request) if request.body_exists else None
-            async with self.upstream.open("POST", request.raw_path, self.upstream_headers(request), body) as upstream:
+                body = self.client_body(request)
+            async with self.upstream.open("POST", target, headers, body) as upstream:
                 opened = upload_session(upstream.status, upstream.headers.get("Location"))
                 if opened is not None:
                     # Before the client has the answer: its next request may come on another connection.

@@ -305,3 +305,24 @@ async def test_past_the_inspection_capacity_new_uploads_wait_with_429(
     cancelled = await call(http, "DELETE", sessions[0])
     assert cancelled.status == 204
     assert (await call(http, "POST", f"{gateway.url}/v2/win/busy/blobs/uploads/")).status == 202
+
+
+async def test_a_monolithic_post_is_answered_with_a_session_whose_upload_is_inspected(
+    gateway_factory: GatewayFactory, registry: Registry, http: aiohttp.ClientSession, windows_image: Image
+) -> None:
+    """A registry that takes monolithic POSTs would commit a body nobody inspected: the gateway asks for a session
+    instead (as a registry without them answers, distribution always), and the blob then sent again is inspected."""
+    gateway = await inspecting_gateway(gateway_factory, registry, http, windows_image, "reject")
+    foreign, ordinary = windows_image.foreign_layers[0].data, windows_image.layers[1].data
+    for repository, data in (("win/monolithic", foreign), ("win/monolithic-ordinary", ordinary)):
+        start = with_digest(URL(f"{gateway.url}/v2/{repository}/blobs/uploads/"), sha512_of(data))
+        opened = await call(http, "POST", start, data=data, headers=OCTETS)
+        assert opened.status == 202 and "digest=" not in opened.headers["Location"], opened
+        assert not registry.links(repository, digest_of(data)) and not registry.links(repository, sha512_of(data))
+        session = absolute(gateway.url, opened.headers["Location"])
+        closed = await call(http, "PUT", with_digest(session, digest_of(data)), data=data, headers=OCTETS)
+        if data is foreign:
+            assert_kept_out(registry, repository, data, closed)
+        else:
+            assert closed.status == 201 and registry.links(repository, digest_of(data)), closed
+    assert (await call(http, "GET", f"{gateway.url}/v2/")).status == 200
