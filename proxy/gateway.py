@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 from typing import TypeVar
@@ -56,6 +55,7 @@ from proxy.inspection import (
 from proxy.known import KnownForeign
 from proxy.limits import DeadlineResponse, MemoryBudget, at_least
 from proxy.logs import log_event
+from proxy.lru import Lru
 from proxy.manifests import (
     IMAGE_MANIFEST_TYPES,
     INDEX_TYPES,
@@ -90,6 +90,7 @@ ROUTE = web.RequestKey("route", RouteMatch)
 DECISION = web.RequestKey("decision", Decision)
 BODY_BYTES_OUT = web.RequestKey("body_bytes_out", int)
 CONTINUE_SENT = web.RequestKey("continue_sent", bool)
+UPLOADED_BYTES = web.RequestKey("uploaded_bytes", int)
 CLIENT = web.RequestKey("client", ClientView)
 
 MANIFEST_CONTENT_TYPES = IMAGE_MANIFEST_TYPES | INDEX_TYPES
@@ -98,25 +99,10 @@ SEEN_MANIFESTS_CAPACITY = 8192
 # base layers are 1 to 3 GiB); past it, the answer goes out and the connection is closed.
 MAX_DISCARDED_BYTES = 8 * 1024**3
 CONFIG_CACHE_CAPACITY = 4096
+# The decision outcome of a pretend_present HEAD: said to be present, no push happened.
+PRESENTED = "presented"
 # Manifests and configs larger than this are parsed in a worker thread, not on the event loop.
 PARSE_OFF_LOOP_BYTES = 64 * 1024
-
-
-class SeenManifests:
-    """Manifest digests already parsed, so that repeated pulls of one manifest are streamed, not parsed."""
-
-    def __init__(self, capacity: int = SEEN_MANIFESTS_CAPACITY):
-        self.capacity = capacity
-        self._digests: OrderedDict[str, None] = OrderedDict()
-
-    def __contains__(self, digest: object) -> bool:
-        return digest in self._digests
-
-    def add(self, digest: str) -> None:
-        self._digests[digest] = None
-        self._digests.move_to_end(digest)
-        if len(self._digests) > self.capacity:
-            self._digests.popitem(last=False)
 
 
 def blob_committed(location: str, digest: str) -> web.Response:
@@ -130,24 +116,6 @@ def blob_committed(location: str, digest: str) -> web.Response:
             "Content-Length": "0",
         },
     )
-class ConfigDiffIds:
-    """Image configs' diff_ids by config digest: content-addressed, so an entry never goes stale."""
-
-    def __init__(self, capacity: int = CONFIG_CACHE_CAPACITY):
-        self.capacity = capacity
-        self._entries: OrderedDict[str, tuple[str, ...]] = OrderedDict()
-
-    def get(self, digest: str) -> tuple[str, ...] | None:
-        diff_ids = self._entries.get(digest)
-        if diff_ids is not None:
-            self._entries.move_to_end(digest)
-        return diff_ids
-
-    def put(self, digest: str, diff_ids: tuple[str, ...]) -> None:
-        self._entries[digest] = diff_ids
-        self._entries.move_to_end(digest)
-        if len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
 
 
 def expects_continue(request: web.Request) -> bool:
@@ -182,10 +150,17 @@ async def settle_body(request: web.Request, idle_timeout: float) -> bool:
 
 
 def pushed_size(request: web.Request) -> int:
-    """The size of the blob a push carried: its Content-Length, or the bytes read of it."""
+    """The size of the blob a push carried: what its upload session held, else its Content-Length, or the bytes
+    read of it."""
     if request.method not in {"POST", "PUT"}:
         return 0
-    return max(request.content_length or 0, request.content.total_bytes)
+    return request.get(UPLOADED_BYTES) or max(request.content_length or 0, request.content.total_bytes)
+
+
+def range_size(value: str | None) -> int:
+    """The bytes an upload session holds, from the registry's `Range: 0-N` (0 when it says nothing usable)."""
+    last = (value or "").rpartition("-")[2]
+    return int(last) + 1 if last.isdigit() else 0
 
 
 def upload_session(status: int, location: str | None) -> UploadKey | None:
@@ -208,9 +183,10 @@ class Gateway:
         self.metrics = metrics
         self.cleaner = cleaner
         self.inspections = UploadInspections(settings.policy.inspect_max_uploads)
-        self.seen_manifests = SeenManifests()
+        # Manifests already parsed, so that repeated pulls of one manifest are streamed, not parsed.
+        self.seen_manifests: Lru[str, None] = Lru(SEEN_MANIFESTS_CAPACITY)
         self.budget = LearningBudget()
-        self.config_diff_ids = ConfigDiffIds()
+        self.config_diff_ids: Lru[str, tuple[str, ...]] = Lru(CONFIG_CACHE_CAPACITY)
         self.config_fetches: dict[str, asyncio.Future[tuple[str, ...]]] = {}
         # One large parse at a time: each worker thread competes with the event loop for the GIL.
         self.parsing = asyncio.Semaphore(1)
@@ -264,6 +240,11 @@ class Gateway:
 
     async def apply(self, request: web.Request, route: RouteMatch, decision: Decision) -> web.StreamResponse:
         request[DECISION] = decision
+        if request.method == "HEAD":
+            # pretend_present: the client is told the blob is there and skips it. Nothing was pushed, so nothing
+            # is counted as dropped or kept out, and the store is not written per HEAD.
+            self.record(request, decision, outcome=PRESENTED)
+            return await self.enforce(request, route, decision)
         if not decision.action.blocks:
             self.record(request, decision)
             return await self.forward(request)
@@ -434,9 +415,10 @@ class Gateway:
         """The blobs the registry would commit or mount for this request (proxy.pushes' table)."""
         return read_push(route.kind, request.method, request.raw_path).digests
 
-    def record(self, request: web.Request, decision: Decision, pushed_bytes: int = 0) -> None:
+    def record(self, request: web.Request, decision: Decision, pushed_bytes: int = 0, outcome: str | None = None) -> None:
         """Log and count a decision. A layer known without a size (from a digest file) is as large as the
-        blob pushed: that is learned, and counted as kept out."""
+        blob pushed: that is learned, and counted as kept out. `outcome` PRESENTED: a pretend_present HEAD,
+        counted in the metrics only."""
         size = decision.layer.size or pushed_bytes
         if not decision.layer.size and pushed_bytes:
             self.known.fill_size(decision.layer.digest, pushed_bytes)
@@ -444,7 +426,7 @@ class Gateway:
             logger,
             logging.INFO,
             "decision",
-            action=decision.action.value,
+            action=decision.action.value if outcome is None else outcome,
             rule=decision.rule,
             candidate=decision.candidate or None,
             repository=decision.repository,
@@ -455,6 +437,9 @@ class Gateway:
             user_agent=request.headers.get("User-Agent"),
             request_id=request[REQUEST_ID],
         )
+        if outcome is not None:
+            self.metrics.decisions.labels(outcome, decision.rule).inc()
+            return
         kept_out = size if decision.action.blocks else 0
         self.known.count(decision.layer.digest, decision.action.outcome, kept_out, decision.repository)
         self.metrics.decisions.labels(decision.action.outcome, decision.rule).inc()
@@ -474,7 +459,11 @@ class Gateway:
                 },
             )
         if route.kind is RouteKind.UPLOAD_SESSION:
-            await self.cancel_upload(request, session_target or request.raw_path)
+            session = session_target or request.raw_path
+            if not layer.size and not request.body_exists:
+                # Known without a size (a digest file) and closed by an empty PUT: the blob came in PATCHes.
+                request[UPLOADED_BYTES] = await self.uploaded_bytes(request, session)
+            await self.cancel_upload(request, session)
         if decision.action is Action.REJECT:
             # Answered by the request middleware, which settles the body first, as for every refusal.
             raise GatewayError(
@@ -495,6 +484,16 @@ class Gateway:
         if not await settle_body(request, self.settings.server.idle_timeout):
             dropped.force_close()
         return dropped
+
+    async def uploaded_bytes(self, request: web.Request, session_target: str) -> int:
+        """What the registry holds of an upload, from its status (GET of the session)."""
+        try:
+            headers = without_body_headers(self.upstream_headers(request))
+            async with self.upstream.open("GET", session_target, headers) as response:
+                await read_capped(response.content, MAX_MANIFEST_BYTES)
+                return range_size(response.headers.get("Range")) if response.status == 204 else 0
+        except GatewayError:
+            return 0
 
     async def cancel_upload(self, request: web.Request, session_target: str) -> None:
         """Abort the upstream session of a dropped or rejected upload, so the registry never commits it."""
@@ -581,7 +580,7 @@ class Gateway:
             if review is None or not review.foreign:
                 return await self.respond(request, upstream, None)
             if 200 <= upstream.status < 300:
-                self.seen_manifests.add(manifest_digest)
+                self.seen_manifests.put(manifest_digest, None)
                 self.learn(review, "manifest-put", manifest_digest)
                 await self.report_leaks(request, review, cleanup=self.settings.cleanup.delete_leaked)
                 return await self.respond(request, upstream, None)
@@ -601,7 +600,7 @@ class Gateway:
                 if manifest is None:
                     raise GatewayError(MANIFEST_TOO_LARGE, "upstream manifest larger than 4 MiB")
                 manifest_digest = sha256_digest(manifest)
-                self.seen_manifests.add(manifest_digest)
+                self.seen_manifests.put(manifest_digest, None)
                 review = await self.review(
                     request, route.repository, manifest, upstream.content_type, check=False, pushed=False
                 )

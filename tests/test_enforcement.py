@@ -32,6 +32,8 @@ from support.protocol import (
 from support.registry import Registry
 from yarl import URL
 
+from proxy.store import open_store
+
 BlobPush = Callable[[aiohttp.ClientSession, str, str, bytes], Awaitable[Answer]]
 
 
@@ -176,6 +178,19 @@ async def test_pretend_present_lets_clients_skip_the_upload(
     assert (head.headers["Content-Length"], head.headers["Docker-Content-Digest"]) == (str(foreign.size), foreign.digest)
     plain = windows_image.layers[2]
     assert (await call(http, "HEAD", f"{gateway.url}/v2/win/app/blobs/{plain.digest}")).status == 404
+    for _ in range(4):
+        await call(http, "HEAD", f"{gateway.url}/v2/win/app/blobs/{foreign.digest}")
+    # Answers, not pushes: no drop, no bytes kept out, in the metrics and the store.
+    scraped = (await call(http, "GET", f"{gateway.admin_url}/metrics")).body.decode()
+    assert 'foreign_layer_proxy_decisions_total{action="presented",rule="default"} 5.0' in scraped
+    assert 'action="dropped"' not in scraped and "foreign_layer_proxy_kept_out_bytes_total 0.0" in scraped
+    await asyncio.to_thread(gateway.stop)
+    store = open_store(gateway.store)
+    try:
+        [record] = [record for record in await store.records() if record.layer.digest == foreign.digest]
+        assert not record.outcomes and record.bytes_kept_out == 0 and await store.repository_stats() == []
+    finally:
+        await store.close()
 
 
 def exchange_with_expect_continue(host_port: str, path: str, body: bytes) -> bytes:

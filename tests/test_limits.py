@@ -18,8 +18,8 @@ from proxy.errors import (
     error_response,
 )
 from proxy.forwarding import StreamAborted
-from proxy.gateway import ConfigDiffIds
 from proxy.limits import MemoryBudget, UpstreamSlots, at_least, raise_open_file_limit
+from proxy.lru import Lru
 
 
 async def test_a_client_at_its_cap_waits_a_bounded_time_then_is_told_to_retry() -> None:
@@ -113,7 +113,7 @@ def test_limits_answer_503_with_retry_after_and_an_oci_body(kind: ErrorKind) -> 
 
 
 def test_the_config_cache_keeps_the_most_recently_used() -> None:
-    cache = ConfigDiffIds(capacity=2)
+    cache: Lru[str, tuple[str, ...]] = Lru(capacity=2)
     cache.put("sha256:a", ("d1",))
     cache.put("sha256:b", ("d2",))
     assert cache.get("sha256:a") == ("d1",)

@@ -23,8 +23,10 @@ from support.fixtures import GatewayFactory
 from support.images import DOCKER_FOREIGN_LAYER, Image, build_image, descriptor
 from support.processes import describe, run
 from support.protocol import (
+    PushForm,
     call,
     push_image_blobs,
+    push_patch_then_empty_put,
     push_single_put,
     put_manifest,
     teach,
@@ -736,8 +738,9 @@ async def test_blocked_counts_drops_and_rejects_only(tmp_path: Path) -> None:
     assert row.split()[:4] == [digest(1), "1000", "3", "everywhere"], table.stdout
 
 
+@pytest.mark.parametrize("push", [push_single_put, push_patch_then_empty_put], ids=["single-put", "patch-empty-put"])
 async def test_a_layer_from_a_digest_file_learns_its_size_from_the_push(
-    gateway_factory: GatewayFactory, registry: Registry, http: aiohttp.ClientSession, tmp_path: Path
+    gateway_factory: GatewayFactory, registry: Registry, http: aiohttp.ClientSession, tmp_path: Path, push: PushForm
 ) -> None:
     foreign = build_image(136, foreign=1, os="windows").foreign_layers[0]
     listed = tmp_path / "digests.txt"
@@ -745,7 +748,7 @@ async def test_a_layer_from_a_digest_file_learns_its_size_from_the_push(
     gateway = gateway_factory(registry, config={"foreign": {"digest_files": [str(listed)]},
                                                 "policy": {"pretend_present": True}})  # fmt: skip
 
-    assert (await push_single_put(http, gateway.url, "win/app", foreign.data)).status == 201
+    assert (await push(http, gateway.url, "win/app", foreign.data)).status == 201
 
     [decision] = gateway.events("decision")
     assert (decision["action"], decision["size"]) == ("drop", foreign.size)
