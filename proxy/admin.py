@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy.app import GATEWAY, IN_FLIGHT, METRICS, SETTINGS, STORE, WATCHDOG
 from proxy.errors import GatewayError
+from proxy.metrics import SupervisorMetrics
 from proxy.store import StoreError
 
 GATEWAY_APP = web.AppKey("gateway_app", web.Application)
@@ -87,4 +89,54 @@ def create_admin_app(gateway_app: web.Application) -> web.Application:
     admin.router.add_get("/metrics", metrics)
     admin.router.add_get("/healthz", healthz)
     admin.router.add_get("/readyz", readyz)
+    return admin
+
+
+class Workers(Protocol):
+    """What the admin listener of a supervisor needs to know of its workers."""
+
+    count: int
+    stopping: bool
+
+    def alive(self) -> int: ...
+
+
+SUPERVISED = web.AppKey("supervised", Workers)
+SUPERVISOR_METRICS = web.AppKey("supervisor_metrics", SupervisorMetrics)
+
+
+async def supervisor_metrics(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[SUPERVISOR_METRICS].exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def workers_problem(workers: Workers) -> str | None:
+    alive = workers.alive()
+    return None if alive == workers.count else f"{alive} of {workers.count} workers running"
+
+
+async def supervisor_healthz(request: web.Request) -> web.Response:
+    """Healthy while every worker runs; one that died is restarted, and the supervisor is healthy again once
+    it is back. Each worker watches its own event loop and logs a stall."""
+    problem = workers_problem(request.app[SUPERVISED])
+    if problem is None:
+        return web.json_response({"status": "ok"})
+    return web.json_response({"status": "unhealthy", "reason": problem}, status=503)
+
+
+async def supervisor_readyz(request: web.Request) -> web.Response:
+    workers = request.app[SUPERVISED]
+    problem = workers_problem(workers)
+    ready = problem is None and not workers.stopping
+    checks = {"workers": problem or "ok", "shutdown": "draining" if workers.stopping else "no"}
+    return web.json_response({"status": "ready" if ready else "not ready", "checks": checks},
+                             status=200 if ready else 503)  # fmt: skip
+
+
+def create_supervisor_admin_app(workers: Workers, metrics: SupervisorMetrics) -> web.Application:
+    admin = web.Application()
+    admin[SUPERVISED] = workers
+    admin[SUPERVISOR_METRICS] = metrics
+    admin.router.add_get("/metrics", supervisor_metrics)
+    admin.router.add_get("/healthz", supervisor_healthz)
+    admin.router.add_get("/readyz", supervisor_readyz)
     return admin

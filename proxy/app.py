@@ -309,12 +309,13 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         return await gateway.handle(request)
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(settings: Settings, shared_metrics: bool = False) -> web.Application:
+    """`shared_metrics`: a worker of `server.workers`, whose metrics the supervisor sums."""
     app = web.Application(middlewares=[exchange])
     app[SETTINGS] = settings
     app[IN_FLIGHT] = InFlight()
     app[REQUEST_IDS] = RequestIds()
-    app[METRICS] = Metrics()
+    app[METRICS] = Metrics(shared=shared_metrics)
     app[CONNECTIONS] = Connections(settings.server.max_connections, settings.server.max_head_size)
     upstream = settings.upstream
     app[UPSTREAM_SLOTS] = UpstreamSlots(upstream.max_connections, upstream.max_connections_per_client,

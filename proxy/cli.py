@@ -10,6 +10,7 @@ import os
 import signal
 import ssl
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, fields
@@ -19,7 +20,7 @@ from typing import TextIO
 
 from aiohttp import web
 
-from proxy.admin import create_admin_app
+from proxy.admin import create_admin_app, create_supervisor_admin_app
 from proxy.app import (
     CONNECTIONS,
     GATEWAY,
@@ -47,7 +48,7 @@ from proxy.config_commands import check, reference_text, show
 from proxy.limits import BudgetedSite, raise_open_file_limit
 from proxy.logs import configure_logging, log_event
 from proxy.manifests import ForeignClassifier, is_digest
-from proxy.metrics import version
+from proxy.metrics import SupervisorMetrics, version
 from proxy.policy import Action
 from proxy.registry_client import RegistryAccess
 from proxy.sources import (
@@ -68,6 +69,13 @@ from proxy.store import (
 )
 from proxy.store_transfer import TransferError, export_lines, parse_lines
 from proxy.trust import EVERYWHERE, Reach, Teaching
+from proxy.workers import (
+    EXIT_GRACE_SECONDS,
+    Supervisor,
+    check_shared_listen,
+    watch_parent,
+    worker_index,
+)
 
 logger = logging.getLogger("foreign_layer_proxy")
 SiteFactory = Callable[[web.AppRunner, str, int], web.BaseSite]
@@ -289,7 +297,9 @@ def restart_needed(running: Settings, new: Settings, tls: bool) -> list[str]:
     return [name for name in changed if not (tls and name in RELOADED_TLS)]
 
 
-def reload(app: web.Application, load: Callable[[], Settings], context: ssl.SSLContext | None) -> None:
+def reload(
+    app: web.Application, load: Callable[[], Settings], context: ssl.SSLContext | None, worker: int | None = None
+) -> None:
     """SIGHUP: new policy, foreign-layer and log settings for the next request, the certificate for the next
     connection; a bad config or certificate changes nothing."""
     metrics = app[METRICS]
@@ -309,7 +319,7 @@ def reload(app: web.Application, load: Callable[[], Settings], context: ssl.SSLC
     if restart:
         log_event(logger, logging.WARNING, "reload_partial", restart_needed=restart,
                   note="these settings apply at the next restart")  # fmt: skip
-    configure_logging(settings.log.level, settings.log.format, settings.log.access)
+    configure_logging(settings.log.level, settings.log.format, settings.log.access, worker)
     app[GATEWAY].reconfigure(settings)
     app[KNOWN].replace_static(static)
     metrics.config_loaded(True)
@@ -317,28 +327,36 @@ def reload(app: web.Application, load: Callable[[], Settings], context: ssl.SSLC
               certificate=str(settings.server.tls_cert) if context is not None else None)  # fmt: skip
 
 
-async def serve(load: Callable[[], Settings]) -> None:
+async def serve(load: Callable[[], Settings], worker: int | None = None) -> None:
+    """The gateway in this process; a `worker` of `server.workers` shares server.listen with the others and
+    leaves admin.listen to its supervisor."""
     settings = load()
     open_files = raise_open_file_limit()
     context = server_ssl_context(settings)
-    app = create_app(settings)
+    app = create_app(settings, shared_metrics=worker is not None)
     runner = runner_for(app, settings)
     await start_site(runner, settings.server.listen, "server.listen",
-                     lambda runner, host, port: BudgetedSite(runner, host, port, app[CONNECTIONS], ssl_context=context))
-    admin_runner = web.AppRunner(create_admin_app(app), access_log=None, handle_signals=False)
-    try:
-        await start_site(admin_runner, settings.admin.listen, "admin.listen")
-    except ServeError:
-        await runner.cleanup()
-        raise
-    log_event(logger, logging.INFO, "listening", address=str(settings.server.listen), admin=str(settings.admin.listen),
+                     lambda runner, host, port: BudgetedSite(runner, host, port, app[CONNECTIONS], ssl_context=context,
+                                                             reuse_port=worker is not None))  # fmt: skip
+    admin_runner = None
+    if worker is None:
+        admin_runner = web.AppRunner(create_admin_app(app), access_log=None, handle_signals=False)
+        try:
+            await start_site(admin_runner, settings.admin.listen, "admin.listen")
+        except ServeError:
+            await runner.cleanup()
+            raise
+    log_event(logger, logging.INFO, "listening", address=str(settings.server.listen),
+              admin=None if worker is not None else str(settings.admin.listen),
               upstream=str(settings.upstream.url), tls=context is not None, version=version(), open_files=open_files,
               max_connections=settings.server.max_connections)  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload, app, load, context)
+    loop.add_signal_handler(signal.SIGHUP, reload, app, load, context, worker)
+    if worker is not None:
+        watch_parent(loop, stop.set)
     await stop.wait()
     in_flight = app[IN_FLIGHT]
     in_flight.draining = True  # /readyz answers 503 from now on
@@ -347,15 +365,49 @@ async def serve(load: Callable[[], Settings]) -> None:
         await site.stop()
     if not await in_flight.wait_idle(settings.server.shutdown_timeout):
         log_event(logger, logging.WARNING, "shutdown_timeout", cut_requests=in_flight.count)
-    await admin_runner.cleanup()
+    if admin_runner is not None:
+        await admin_runner.cleanup()
     await runner.cleanup()
+
+
+async def supervise(settings: Settings, command: Sequence[str]) -> None:
+    """`server.workers` above 1: this process runs `command` once per worker and serves admin.listen."""
+    try:
+        check_shared_listen(settings.server.listen)
+    except OSError as error:
+        raise ServeError(f"server.listen: cannot listen on {settings.server.listen}: {error.strerror}") from None
+    with tempfile.TemporaryDirectory(prefix="foreign-layer-proxy-metrics-") as metrics_directory:
+        restarts: list[Callable[[], None]] = []
+        supervisor = Supervisor(command, settings.server.workers, os.environ, metrics_directory,
+                                on_restart=lambda: restarts[0]())  # fmt: skip
+        metrics = SupervisorMetrics(metrics_directory, supervisor.alive)
+        restarts.append(metrics.worker_restarts.inc)
+        admin_runner = web.AppRunner(create_supervisor_admin_app(supervisor, metrics), access_log=None,
+                                     handle_signals=False)  # fmt: skip
+        await start_site(admin_runner, settings.admin.listen, "admin.listen")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, supervisor.send, signal.SIGHUP)
+        supervisor.start()
+        log_event(logger, logging.INFO, "supervising", workers=settings.server.workers,
+                  address=str(settings.server.listen), admin=str(settings.admin.listen), version=version())  # fmt: skip
+        await stop.wait()
+        log_event(logger, logging.INFO, "stopping", workers=supervisor.alive(), grace_seconds=settings.server.shutdown_timeout)
+        await supervisor.stop(settings.server.shutdown_timeout + EXIT_GRACE_SECONDS)
+        await admin_runner.cleanup()
 
 
 def run_serve(args: argparse.Namespace) -> int:
     settings = settings_from(args)
-    configure_logging(settings.log.level, settings.log.format, settings.log.access)
+    worker = worker_index(os.environ)
+    configure_logging(settings.log.level, settings.log.format, settings.log.access, worker)
     with asyncio.Runner(loop_factory=fastest_event_loop()) as runner:
-        runner.run(serve(lambda: settings_from(args)))
+        if worker is None and settings.server.workers > 1:
+            runner.run(supervise(settings, [sys.executable, "-m", "proxy", *args.argv]))
+        else:
+            runner.run(serve(lambda: settings_from(args), worker))
     return 0
 
 
@@ -674,6 +726,7 @@ def fastest_event_loop() -> Callable[[], asyncio.AbstractEventLoop] | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit status: 0 done, 1 a runtime failure, 2 a usage or configuration error (argparse's own too)."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a worker of `server.workers` runs again
     try:
         run: Callable[[argparse.Namespace], int] = args.run
         return run(args)

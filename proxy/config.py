@@ -76,6 +76,18 @@ def parse_positive_int(value: object) -> int:
     return int(str(value))
 
 
+def cores_available() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's cpuset), at least 1."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def parse_workers(value: object) -> int:
+    """A positive number of worker processes, or `auto`: one per available core."""
+    if str(value).strip().lower() == "auto":
+        return cores_available()
+    return parse_positive_int(value)
+
+
 def parse_count(value: object) -> int:
     """A non-negative integer, where 0 means no limit."""
     if isinstance(value, bool) or not str(value).strip().isdigit():
@@ -252,6 +264,7 @@ def parsed_by(parse: Callable[[object], Any]) -> dict[str, Callable[[object], An
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
     listen: Address = field(default=Address("0.0.0.0", 5000), metadata=parsed_by(parse_address))
+    workers: int = field(default=1, metadata=parsed_by(parse_workers))
     tls_cert: Path | None = field(default=None, metadata=parsed_by(parse_optional_file))
     tls_key: Path | None = field(default=None, metadata=parsed_by(parse_optional_file))
     shutdown_timeout: float = field(default=30.0, metadata=parsed_by(parse_positive_float))

@@ -193,7 +193,7 @@ class Refusal(asyncio.Protocol):
 class BudgetedSite(web.BaseSite):
     """A TCP listener whose connections go through `Connections` before aiohttp's request handler."""
 
-    __slots__ = ("_connections", "_host", "_port")
+    __slots__ = ("_connections", "_host", "_port", "_reuse_port")
 
     def __init__(
         self,
@@ -204,11 +204,13 @@ class BudgetedSite(web.BaseSite):
         *,
         ssl_context: ssl.SSLContext | None = None,
         backlog: int = 1024,
+        reuse_port: bool = False,
     ) -> None:
         super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
         self._host = host
         self._port = port
         self._connections = connections
+        self._reuse_port = reuse_port
 
     @property
     def name(self) -> str:
@@ -225,6 +227,7 @@ class BudgetedSite(web.BaseSite):
             ssl=self._ssl_context,
             backlog=self._backlog,
             reuse_address=True,
+            reuse_port=self._reuse_port,
         )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Mapping
@@ -83,11 +84,25 @@ class DependencyDetailFilter(logging.Filter):
         return True
 
 
-def configure_logging(level: str, log_format: str, access: bool = True) -> None:
+class WorkerFields(logging.Filter):
+    """Every line of a worker of `server.workers` says which worker wrote it."""
+
+    def __init__(self, worker: int) -> None:
+        super().__init__()
+        self.fields = {"worker": worker, "pid": os.getpid()}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        setattr(record, EVENT_FIELD, self.fields | getattr(record, EVENT_FIELD, {}))
+        return True
+
+
+def configure_logging(level: str, log_format: str, access: bool = True, worker: int | None = None) -> None:
     """Logs to stderr; `access` off silences the per-request lines, not the decisions or errors."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     handler.addFilter(DependencyDetailFilter(logging.getLevelName(level)))
+    if worker is not None:
+        handler.addFilter(WorkerFields(worker))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

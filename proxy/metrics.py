@@ -1,5 +1,8 @@
 """Prometheus metrics of one gateway process, in a registry of its own (no module-level state).
 
+With `server.workers` above 1 each worker writes its samples to files in the supervisor's folder
+(prometheus-client's multiprocess mode, PROMETHEUS_MULTIPROC_DIR) and the supervisor serves their sum.
+
 Repository names never become label values: they are unbounded. Decisions are labelled by rule name,
 which the operator's config bounds.
 """
@@ -20,6 +23,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from proxy.routes import RouteKind
 from proxy.watchdog import LoopLag
@@ -52,7 +56,9 @@ def version() -> str:
 class Metrics:
     """Names follow Prometheus' conventions: base unit last but for `_total`, e.g. `_kept_out_bytes_total`."""
 
-    def __init__(self) -> None:
+    def __init__(self, shared: bool = False) -> None:
+        """`shared`: a worker's, summed by the supervisor; gauges read when scraped cannot be, and are left out."""
+        self.shared = shared
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)
         Info(f"{PREFIX}_build", "The running version.", registry=self.registry).info(
@@ -60,11 +66,12 @@ class Metrics:
         )
         self.reload_success = Gauge(
             f"{PREFIX}_config_last_reload_success", "1 if the last configuration (re)load succeeded, else 0.",
-            registry=self.registry,
+            multiprocess_mode="livemin", registry=self.registry,
         )  # fmt: skip
         self.reload_success_time = Gauge(
             f"{PREFIX}_config_last_reload_success_timestamp_seconds",
-            "Unix time of the last configuration (re)load that succeeded.", registry=self.registry,
+            "Unix time of the last configuration (re)load that succeeded.", multiprocess_mode="livemin",
+            registry=self.registry,
         )  # fmt: skip
         self.config_loaded(True)
         self.requests = Counter(
@@ -110,11 +117,9 @@ class Metrics:
             registry=self.registry,
         )  # fmt: skip
         self.uploads_in_flight = Gauge(
-            f"{PREFIX}_uploads_in_flight", "Blob upload requests being handled now.", registry=self.registry
-        )
-        self.known_foreign = Gauge(
-            f"{PREFIX}_known_foreign_digests", "Foreign digests this process enforces.", registry=self.registry
-        )
+            f"{PREFIX}_uploads_in_flight", "Blob upload requests being handled now.", multiprocess_mode="livesum",
+            registry=self.registry,
+        )  # fmt: skip
         self._bytes_up = self.bytes_streamed.labels("up")
         self._bytes_down = self.bytes_streamed.labels("down")
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
@@ -142,10 +147,16 @@ class Metrics:
             self.reload_success_time.set(time.time())
 
     def track_known(self, count: Callable[[], int]) -> None:
-        self.known_foreign.set_function(lambda: float(count()))
+        if self.shared:
+            return
+        Gauge(
+            f"{PREFIX}_known_foreign_digests", "Foreign digests this process enforces.", registry=self.registry
+        ).set_function(lambda: float(count()))
 
     def track_loop_lag(self, lag: LoopLag, clock: Callable[[], float]) -> None:
         """Read when scraped, so that a stall the loop just came out of shows even before its next tick."""
+        if self.shared:
+            return
         Gauge(
             f"{PREFIX}_event_loop_lag_seconds", "How late the event loop runs now (its last tick, or the stall going on).",
             registry=self.registry,
@@ -154,6 +165,26 @@ class Metrics:
             f"{PREFIX}_event_loop_lag_max_seconds", "The largest event-loop lag since the process started.",
             registry=self.registry,
         ).set_function(lambda: lag.largest(clock()))  # fmt: skip
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class SupervisorMetrics:
+    """What the supervisor of `server.workers` serves: its workers' metrics summed, and the workers' own state."""
+
+    def __init__(self, workers_directory: str, alive: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        MultiProcessCollector(self.registry, path=workers_directory)  # type: ignore[no-untyped-call]
+        Info(f"{PREFIX}_build", "The running version.", registry=self.registry).info(
+            {"version": version(), "python_version": platform.python_version()}
+        )
+        Gauge(
+            f"{PREFIX}_workers_alive", "Worker processes running now.", registry=self.registry
+        ).set_function(lambda: float(alive()))  # fmt: skip
+        self.worker_restarts = Counter(
+            f"{PREFIX}_worker_restarts", "Workers restarted after they exited unexpectedly.", registry=self.registry
+        )
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
