@@ -393,6 +393,10 @@ async def supervise(settings: Settings, command: Sequence[str]) -> None:
         supervisor.start()
         log_event(logger, logging.INFO, "supervising", workers=settings.server.workers,
                   address=str(settings.server.listen), admin=str(settings.admin.listen), version=version())  # fmt: skip
+        if settings.policy.inspect_content:
+            log_event(logger, logging.WARNING, "workers_split_inspection",
+                      note="policy.inspect_content keeps an upload's digest in the worker that opened it: a request "
+                           "of that upload on another connection may reach another worker and be refused")  # fmt: skip
         await stop.wait()
         log_event(logger, logging.INFO, "stopping", workers=supervisor.alive(), grace_seconds=settings.server.shutdown_timeout)
         await supervisor.stop(settings.server.shutdown_timeout + EXIT_GRACE_SECONDS)

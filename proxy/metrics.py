@@ -176,6 +176,7 @@ class SupervisorMetrics:
     def __init__(self, workers_directory: str, alive: Callable[[], int]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         MultiProcessCollector(self.registry, path=workers_directory)  # type: ignore[no-untyped-call]
+        ProcessCollector(registry=self.registry)
         Info(f"{PREFIX}_build", "The running version.", registry=self.registry).info(
             {"version": version(), "python_version": platform.python_version()}
         )
