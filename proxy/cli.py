@@ -372,6 +372,7 @@ async def serve(load: Callable[[], Settings], worker: int | None = None) -> None
 
 async def supervise(settings: Settings, command: Sequence[str]) -> None:
     """`server.workers` above 1: this process runs `command` once per worker and serves admin.listen."""
+    server_ssl_context(settings)  # a certificate that does not load stops here, not in a worker restarted forever
     try:
         check_shared_listen(settings.server.listen)
     except OSError as error:

@@ -164,3 +164,16 @@ async def test_a_killed_worker_is_restarted(
     assert len(worker_pids(gateway) - {victim}) == WORKERS
     answers = await on_new_connections(CONNECTIONS // 2, lambda session: call(session, "GET", f"{gateway.url}/v2/"))
     assert {answer.status for answer in answers} == {200}
+
+
+async def test_workers_stop_when_their_supervisor_is_killed(
+    gateway_factory: GatewayFactory, registry: Registry
+) -> None:
+    gateway = await start_workers(gateway_factory, registry)
+    pids = worker_pids(gateway)
+    os.kill(gateway.process.pid, signal.SIGKILL)
+    deadline = time.monotonic() + PATIENCE
+    while running := [pid for pid in pids if alive(pid)]:
+        assert time.monotonic() < deadline, f"workers {running} outlive their supervisor"
+        await asyncio.sleep(0.1)
+    assert len(gateway.events("stopping")) == WORKERS, "each drained as on SIGTERM"
