@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from ipaddress import ip_network
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from proxy.config import (
     parse_rules,
     parse_string_list,
     parse_upstream_url,
+    parse_workers,
     require_upstream,
 )
 from proxy.manifests import FOREIGN_MEDIA_TYPES
@@ -443,6 +445,24 @@ def test_parse_positive_float(value: object, expected: float) -> None:
 @pytest.mark.parametrize(("value", "expected"), [(1, 1), ("42", 42), (" 7 ", 7)], ids=["int", "string", "spaces"])
 def test_parse_positive_int(value: object, expected: int) -> None:
     assert parse_positive_int(value) == expected
+
+
+@pytest.mark.parametrize(("value", "expected"), [(1, 1), ("4", 4), ("auto", len(os.sched_getaffinity(0))),
+                                               (" Auto ", len(os.sched_getaffinity(0)))],
+                         ids=["one", "string", "auto", "auto-spelled-loosely"])  # fmt: skip
+def test_parse_workers(value: object, expected: int) -> None:
+    assert parse_workers(value) == expected
+
+
+@pytest.mark.parametrize("value", [0, "-1", "many", "", True], ids=repr)
+def test_parse_workers_rejects(value: object) -> None:
+    with pytest.raises(ValueError):
+        parse_workers(value)
+
+
+def test_workers_from_the_environment() -> None:
+    settings = load_settings(None, {}, {f"{PREFIX}SERVER_WORKERS": "auto"})
+    assert settings.server.workers == len(os.sched_getaffinity(0))
 
 
 @pytest.mark.parametrize(
