@@ -16,7 +16,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import HOST, Wrk, start_gateway, system_busy_seconds
+from harness import (
+    HOST,
+    Wrk,
+    children_of,
+    cpu_seconds,
+    start_gateway,
+    system_busy_seconds,
+)
 from support.processes import ManagedProcess, free_port
 
 STATIC_CONFIG = """\
@@ -53,6 +60,11 @@ def static_upstream(workdir: Path) -> tuple[ManagedProcess, str]:
     return process, f"http://{HOST}:{port}"
 
 
+def gateway_cpu(pid: int) -> float:
+    """CPU seconds of the gateway: the process and, with workers, every worker."""
+    return sum(cpu_seconds(process) for process in (pid, *children_of(pid)))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
@@ -61,6 +73,7 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=64)
     options = parser.parse_args()
     rates: dict[int, list[float]] = {1: [], options.workers: []}
+    cpu_per_request: dict[int, list[float]] = {1: [], options.workers: []}
     with tempfile.TemporaryDirectory(prefix="bench-workers-") as scratch:
         workdir = Path(scratch)
         upstream, upstream_url = static_upstream(workdir)
@@ -76,21 +89,24 @@ def main() -> int:
                     try:
                         time.sleep(2.0)  # every worker listening
                         wrk.run(gateway.host_port, requests, options.connections, 1, {})  # warm-up
-                        busy = system_busy_seconds()
+                        busy, own = system_busy_seconds(), gateway_cpu(gateway.process.pid)
                         result = wrk.run(gateway.host_port, requests, options.connections, options.seconds, {})
-                        busy = system_busy_seconds() - busy
+                        busy, own = system_busy_seconds() - busy, gateway_cpu(gateway.process.pid) - own
                     finally:
                         gateway.stop()
                     rates[workers].append(result.rps)
+                    cpu_per_request[workers].append(own / result.requests * 1e6)
                     print(f"round {round_number + 1}: {workers} worker(s): {result.rps:,.0f} requests/s "
-                          f"(p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms; machine busy "
-                          f"{busy / result.seconds:.2f} cores)", flush=True)  # fmt: skip
+                          f"(p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms); gateway CPU "
+                          f"{own / result.seconds:.2f} cores, {own / result.requests * 1e6:.0f} us a request; "
+                          f"machine busy {busy / result.seconds:.2f} cores", flush=True)  # fmt: skip
         finally:
             upstream.stop()
     medians = {workers: statistics.median(values) for workers, values in rates.items()}
     summary = {"cores": len(os.sched_getaffinity(0)), "connections": options.connections,
                "requests_per_second": {str(workers): values for workers, values in rates.items()},
                "median": {str(workers): median for workers, median in medians.items()},
+               "gateway_cpu_us_per_request": {str(workers): values for workers, values in cpu_per_request.items()},
                "ratio": medians[options.workers] / medians[1]}  # fmt: skip
     print(json.dumps(summary))
     return 0
