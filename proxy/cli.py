@@ -378,11 +378,10 @@ async def supervise(settings: Settings, command: Sequence[str]) -> None:
     except OSError as error:
         raise ServeError(f"server.listen: cannot listen on {settings.server.listen}: {error.strerror}") from None
     with tempfile.TemporaryDirectory(prefix="foreign-layer-proxy-metrics-") as metrics_directory:
-        restarts: list[Callable[[], None]] = []
+        metrics = SupervisorMetrics(metrics_directory)
         supervisor = Supervisor(command, settings.server.workers, os.environ, metrics_directory,
-                                on_restart=lambda: restarts[0]())  # fmt: skip
-        metrics = SupervisorMetrics(metrics_directory, supervisor.alive)
-        restarts.append(metrics.worker_restarts.inc)
+                                on_restart=metrics.worker_restarts.inc)  # fmt: skip
+        metrics.track_workers(supervisor.alive)
         admin_runner = web.AppRunner(create_supervisor_admin_app(supervisor, metrics), access_log=None,
                                      handle_signals=False)  # fmt: skip
         await start_site(admin_runner, settings.admin.listen, "admin.listen")

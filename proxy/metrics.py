@@ -173,19 +173,21 @@ class Metrics:
 class SupervisorMetrics:
     """What the supervisor of `server.workers` serves: its workers' metrics summed, and the workers' own state."""
 
-    def __init__(self, workers_directory: str, alive: Callable[[], int]) -> None:
+    def __init__(self, workers_directory: str) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         MultiProcessCollector(self.registry, path=workers_directory)  # type: ignore[no-untyped-call]
         ProcessCollector(registry=self.registry)
         Info(f"{PREFIX}_build", "The running version.", registry=self.registry).info(
             {"version": version(), "python_version": platform.python_version()}
         )
-        Gauge(
-            f"{PREFIX}_workers_alive", "Worker processes running now.", registry=self.registry
-        ).set_function(lambda: float(alive()))  # fmt: skip
         self.worker_restarts = Counter(
             f"{PREFIX}_worker_restarts", "Workers restarted after they exited unexpectedly.", registry=self.registry
         )
+
+    def track_workers(self, alive: Callable[[], int]) -> None:
+        Gauge(
+            f"{PREFIX}_workers_alive", "Worker processes running now.", registry=self.registry
+        ).set_function(lambda: float(alive()))  # fmt: skip
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -19,7 +19,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from support.fixtures import GatewayFactory
 from support.gateway import GatewayProcess
 from support.images import build_image
-from support.protocol import call, digest_of, push_single_put, start_upload, teach
+from support.protocol import (
+    Answer,
+    call,
+    digest_of,
+    push_single_put,
+    start_upload,
+    teach,
+)
 from support.registry import Registry
 
 WORKERS = 2
@@ -49,6 +56,15 @@ async def on_new_connections(count: int, send: Any) -> list[Any]:
     return results
 
 
+def samples(metrics: Answer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a /metrics answer, keyed by name and sorted labels."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(metrics.body.decode())
+        for sample in family.samples
+    }
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -69,15 +85,10 @@ async def test_requests_are_spread_over_the_workers_and_counted_once_on_the_admi
     requests = await gateway.wait_for("request", CONNECTIONS)
     assert {entry["pid"] for entry in requests} == worker_pids(gateway), "both workers served requests"
 
-    metrics = await call(http, "GET", f"{gateway.admin_url}/metrics")
-    samples = {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(metrics.body.decode())
-        for sample in family.samples
-    }
+    scraped = samples(await call(http, "GET", f"{gateway.admin_url}/metrics"))
     served = (("method", "GET"), ("route", "other"), ("status", "200"))
-    assert samples[("foreign_layer_proxy_requests_total", served)] == CONNECTIONS
-    assert samples[("foreign_layer_proxy_workers_alive", ())] == WORKERS
+    assert scraped[("foreign_layer_proxy_requests_total", served)] == CONNECTIONS
+    assert scraped[("foreign_layer_proxy_workers_alive", ())] == WORKERS
 
 
 async def test_a_foreign_layer_is_dropped_by_either_worker(
@@ -162,6 +173,7 @@ async def test_a_killed_worker_is_restarted(
         assert time.monotonic() < deadline, "the supervisor stays unhealthy after the restart"
         await asyncio.sleep(0.1)
     assert len(worker_pids(gateway) - {victim}) == WORKERS
+    assert samples(await call(http, "GET", f"{gateway.admin_url}/metrics"))[("foreign_layer_proxy_worker_restarts_total", ())] == 1
     answers = await on_new_connections(CONNECTIONS // 2, lambda session: call(session, "GET", f"{gateway.url}/v2/"))
     assert {answer.status for answer in answers} == {200}
 
