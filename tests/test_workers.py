@@ -165,6 +165,11 @@ async def test_a_killed_worker_is_restarted(
     gateway = await start_workers(gateway_factory, registry)
     victim = min(worker_pids(gateway))
     os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + PATIENCE
+    while (health := await call(http, "GET", f"{gateway.admin_url}/healthz")).status == 200:
+        assert time.monotonic() < deadline, "the supervisor stays healthy with a worker gone"
+        await asyncio.sleep(0.02)
+    assert (health.status, health.json()["reason"]) == (503, f"{WORKERS - 1} of {WORKERS} workers running")
     restarted = await gateway.wait_for("worker_restarted", timeout=PATIENCE)
     assert restarted[0]["pid"] == victim
     await gateway.wait_for("listening", WORKERS + 1, timeout=PATIENCE)
