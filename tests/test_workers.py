@@ -43,6 +43,17 @@ async def start_workers(gateway_factory: GatewayFactory, registry: Registry, **c
     return gateway
 
 
+async def workers_taught(
+    gateway_factory: GatewayFactory, registry: Registry, http: aiohttp.ClientSession, seed: int
+) -> tuple[GatewayProcess, bytes]:
+    """Workers dropping foreign layers, and a foreign layer they all know (taught through one of them)."""
+    gateway = await start_workers(gateway_factory, registry, policy={"default": "drop"})
+    image = build_image(seed, foreign=1, os="windows")
+    await teach(http, gateway.url, "win/base", image)
+    await asyncio.sleep(1.0)  # every worker follows the store (sync_interval 0.2 s)
+    return gateway, image.foreign_layers[0].data
+
+
 def worker_pids(gateway: GatewayProcess) -> set[int]:
     return {entry["pid"] for entry in gateway.events("worker_started")}
 
@@ -94,11 +105,7 @@ async def test_requests_are_spread_over_the_workers_and_counted_once_on_the_admi
 async def test_a_foreign_layer_is_dropped_by_either_worker(
     gateway_factory: GatewayFactory, registry: Registry, http: aiohttp.ClientSession
 ) -> None:
-    gateway = await start_workers(gateway_factory, registry, policy={"default": "drop"})
-    image = build_image(160, foreign=1, os="windows")
-    await teach(http, gateway.url, "win/base", image)
-    foreign = image.foreign_layers[0].data
-    await asyncio.sleep(1.0)  # both workers follow the store (sync_interval 0.2 s)
+    gateway, foreign = await workers_taught(gateway_factory, registry, http, seed=160)
 
     pushes = 2 * CONNECTIONS // 3
     answers = await on_new_connections(pushes, lambda session: push_single_put(session, gateway.url, "win/app", foreign))
@@ -115,11 +122,7 @@ async def test_a_foreign_layer_is_dropped_by_either_worker(
 async def test_sighup_reaches_every_worker(
     gateway_factory: GatewayFactory, registry: Registry, http: aiohttp.ClientSession
 ) -> None:
-    gateway = await start_workers(gateway_factory, registry, policy={"default": "drop"})
-    image = build_image(161, foreign=1, os="windows")
-    await teach(http, gateway.url, "win/base", image)
-    foreign = image.foreign_layers[0].data
-    await asyncio.sleep(1.0)
+    gateway, foreign = await workers_taught(gateway_factory, registry, http, seed=161)
 
     gateway.config_path.write_text(json.dumps({"server": {"workers": WORKERS}, "store": {"sync_interval": 0.2},
                                                "policy": {"default": "reject"}}))  # fmt: skip
