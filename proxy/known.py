@@ -1,6 +1,6 @@
 """The in-memory set of known foreign layers: what the hot path reads, kept in step with the store.
 
-Requests only read `layers` and `reach` (dict look-ups). Writes to the store and resyncs from it happen
+Requests only read `layers` (a CompactLayers: one int look-up per digest) and `reach` (a dict). Writes to the store and resyncs from it happen
 in one background task, so that a slow or broken store never delays or fails a request. A resync reads
 only what changed since the generation this process last saw; a full reload only when the store no
 longer has that history (or was reset).
@@ -112,7 +112,7 @@ class CompactLayers(Mapping[str, ForeignLayer]):
             if key in known or layer.urls or layer.diff_id or code == RARE or not _canonical(digest, key):
                 self.put(layer)
             else:
-                known[key] = max(layer.size, 0) << MEDIA_BITS | code
+                known[key] = layer.size << MEDIA_BITS | code
 
     def _packed(self, digest: str) -> int | None:
         key = _key(digest)
@@ -177,7 +177,7 @@ class CompactLayers(Mapping[str, ForeignLayer]):
             self._rare[digest] = (layer.media_type, layer.urls, layer.diff_id)
             if layer.diff_id:
                 self._by_diff_id[layer.diff_id] = digest
-        packed = max(layer.size, 0) << MEDIA_BITS | code
+        packed = layer.size << MEDIA_BITS | code
         key = _key(digest)
         if _canonical(digest, key):
             self._known[key] = packed

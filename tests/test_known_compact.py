@@ -97,7 +97,7 @@ OPERATIONS = st.lists(
         st.sampled_from(["put", "pop"]),
         st.integers(0, 12),
         st.sampled_from([FOREIGN, NONDISTRIBUTABLE]),
-        st.integers(0, 2**40),
+        st.integers(-1, 2**40),
         st.sampled_from([(), ("https://a.invalid/x",)]),
         st.sampled_from([None, digest(200), digest(201)]),
         st.sampled_from(["sha256:{:064x}", "sha512:{:0128x}", "sha256:{:064X}"]),
