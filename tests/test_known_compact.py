@@ -3,17 +3,21 @@ and answers exactly as a dict of ForeignLayer would."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_trust import fill_sqlite
 
-from proxy.known import CompactLayers, KnownForeign
+from proxy.compact import CompactLayers
+from proxy.known import KnownForeign
 from proxy.manifests import ForeignLayer
 from proxy.policy import Action, Policy
-from proxy.store import MemoryStore, Sighting
+from proxy.store import MemoryStore, Sighting, SqliteStore
 from proxy.trust import Reach
 
 FOREIGN = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
@@ -132,14 +136,10 @@ def test_any_sequence_of_puts_and_pops_answers_as_a_dict_does(operations: list[t
 
 
 MEASURE_A_MILLION = """
-import asyncio, gc
-from collections.abc import Iterator, Mapping
+import asyncio, gc, sys
+from pathlib import Path
 from proxy.known import KnownForeign
-from proxy.manifests import ForeignLayer
-from proxy.store import KnownSnapshot, MemoryStore
-from proxy.trust import Reach
-
-FOREIGN = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+from proxy.store import SqliteStore
 
 
 def resident_mib() -> float:
@@ -147,26 +147,8 @@ def resident_mib() -> float:
         return int(statm.read().split()[1]) * 4096 / 2**20
 
 
-class Layers(Mapping[str, ForeignLayer]):
-    # A store's snapshot of a million layers, made one at a time as it is read, so that what stays
-    # resident after the load is what the known set holds.
-    def __getitem__(self, digest: str) -> ForeignLayer:
-        return ForeignLayer(digest, FOREIGN, 1000 + int(digest[7:], 16))
-
-    def __iter__(self) -> Iterator[str]:
-        return (f"sha256:{n:064x}" for n in range(1_000_000))
-
-    def __len__(self) -> int:
-        return 1_000_000
-
-
-class SnapshotStore(MemoryStore):
-    async def snapshot(self) -> KnownSnapshot:
-        return KnownSnapshot(await self.generation(), Layers(), {f"sha256:{3:064x}": Reach(frozenset({"tenant-a"}))})
-
-
 async def main() -> None:
-    known = KnownForeign(SnapshotStore())
+    known = KnownForeign(SqliteStore(Path(sys.argv[1])))
     gc.collect()
     before = resident_mib()
     await known.resync()
@@ -179,9 +161,16 @@ asyncio.run(main())
 
 
 @pytest.mark.slow
-def test_a_million_known_digests_are_held_in_under_150_mib() -> None:
-    """Resident memory of a process before and after loading a million digests (the snapshot read lazily)."""
-    found = subprocess.run([sys.executable, "-c", MEASURE_A_MILLION], capture_output=True, text=True, timeout=120, check=False)
+async def test_a_million_known_digests_from_sqlite_are_held_in_under_150_mib(tmp_path: Path) -> None:
+    """Resident memory of a gateway process before and after loading a million digests from its store:
+    the store reads rows straight into the compact set, so no million ForeignLayers pass through."""
+    path = tmp_path / "foreign-layers.db"
+    store = SqliteStore(path)
+    await store.learn([layer(0)], Sighting("learn"))
+    await store.close()
+    await asyncio.to_thread(fill_sqlite, path, MILLION - 1)
+    command = [sys.executable, "-c", MEASURE_A_MILLION, str(path)]
+    found = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=120, check=False)
     assert found.returncode == 0, found.stderr
     held, count = found.stdout.split()
     print(f"a million known digests: +{float(held):.0f} MiB resident")
