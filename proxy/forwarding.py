@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -138,21 +139,82 @@ async def next_chunk(content: aiohttp.StreamReader | None) -> bytes:
             return chunk
 
 
+class WaitDeadline:
+    """Cuts a task off when one of its waits (`waiting` ... `done`) lasts `seconds`; `expired()` then tells
+    the CancelledError this caused from any other. One timer per `seconds` of activity rather than a
+    timeout armed and cancelled around every chunk: on a stream, the wait is that per-chunk cost."""
+
+    __slots__ = ("_expired", "_handle", "_loop", "_task", "seconds", "since")
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.since: float | None = None  # when the current wait began; None between waits
+        self._loop = asyncio.get_running_loop()
+        self._task: asyncio.Task[Any] | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self._expired = False
+
+    def waiting(self) -> float:
+        # The task that waits now: a body may be read by the handler first, then by the client's writer task.
+        self._task = asyncio.current_task()
+        self.since = now = self._loop.time()
+        if self._handle is None:
+            self._handle = self._loop.call_at(now + self.seconds, self._check)
+        return now
+
+    def done(self) -> float:
+        """The end of a wait; returns how long it lasted."""
+        since, self.since = self.since, None
+        return self._loop.time() - since if since is not None else 0.0
+
+    def expired(self) -> bool:
+        """Whether the wait that was just cancelled was cancelled by this deadline; it is then ended."""
+        if not self._expired:
+            return False
+        self._expired = False
+        if self._task is not None:
+            self._task.uncancel()
+        return True
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _check(self) -> None:
+        self._handle = None
+        if self.since is None:
+            return  # not waiting: the next wait arms the timer again
+        due = self.since + self.seconds
+        if self._loop.time() >= due and self._task is not None:
+            self._expired = True
+            self._task.cancel()
+        else:
+            self._handle = self._loop.call_at(due, self._check)
+
+
 async def client_body(content: aiohttp.StreamReader | None, idle_timeout: float) -> AsyncIterator[bytes]:
     """A request body as it arrives; a client that stops sending it for `idle_timeout` seconds is cut off.
 
     Only the wait for the client is timed, not the time the upstream takes to accept what it was sent."""
-    while True:
-        try:
-            async with asyncio.timeout(idle_timeout):
+    deadline = WaitDeadline(idle_timeout)
+    try:
+        while True:
+            deadline.waiting()
+            try:
                 chunk = await next_chunk(content)
-        except TimeoutError:
-            raise StreamAborted(f"client sent no body bytes for {idle_timeout:g} s") from None
-        except ConnectionError:
-            raise StreamAborted("client closed the connection mid-body") from None
-        if not chunk:
-            return
-        yield chunk
+            except asyncio.CancelledError:
+                if deadline.expired():
+                    raise StreamAborted(f"client sent no body bytes for {idle_timeout:g} s") from None
+                raise
+            except ConnectionError:
+                raise StreamAborted("client closed the connection mid-body") from None
+            deadline.done()
+            if not chunk:
+                return
+            yield chunk
+    finally:
+        deadline.close()
 
 
 async def read_capped(content: aiohttp.StreamReader | None, cap: int) -> bytes | None:

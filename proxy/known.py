@@ -1,6 +1,6 @@
 """The in-memory set of known foreign layers: what the hot path reads, kept in step with the store.
 
-Requests only read `layers` and `reach` (dict look-ups). Writes to the store and resyncs from it happen
+Requests only read `layers` (a CompactLayers: one int look-up per digest) and `reach` (a dict). Writes to the store and resyncs from it happen
 in one background task, so that a slow or broken store never delays or fails a request. A resync reads
 only what changed since the generation this process last saw; a full reload only when the store no
 longer has that history (or was reset).
@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 
+from proxy.compact import CompactLayers, DiffIdIndex
 from proxy.logs import log_event
 from proxy.manifests import ForeignLayer
 from proxy.store import (
@@ -64,10 +65,6 @@ class _Uploaded:
 _Change = _Learned | _Sized | _Counted | _Uploaded
 
 
-def index_diff_ids(layers: Iterable[ForeignLayer]) -> dict[str, ForeignLayer]:
-    return {layer.diff_id: layer for layer in layers if layer.diff_id}
-
-
 class KnownForeign:
     def __init__(
         self,
@@ -80,15 +77,18 @@ class KnownForeign:
         self.sync_interval = sync_interval
         self.on_store_error = on_store_error
         # Every known digest, whatever its reach; `reach` only for those not enforced everywhere.
-        self.layers: dict[str, ForeignLayer] = dict(static or {})
+        self.layers = CompactLayers((static or {}).values())
         self.reach: dict[str, Reach] = {}
-        self.diff_ids: dict[str, ForeignLayer] = {}
         self._static: dict[str, ForeignLayer] = dict(static or {})
         self._unsaved: dict[str, ForeignLayer] = {}
         self._recent_uploads: dict[tuple[str, str], float] = {}
         self._pending: asyncio.Queue[_Change] = asyncio.Queue()
         self._generation: int | None = None
         self._wake = asyncio.Event()
+
+    @property
+    def diff_ids(self) -> DiffIdIndex:
+        return self.layers.diff_ids
 
     def teaches_more(self, digest: str, scope: str, candidate: bool) -> bool:
         """Whether a teaching of `digest` in `scope` would change what this process enforces or audits."""
@@ -182,12 +182,19 @@ class KnownForeign:
         """Everything again from the store: at start, and when following its changes is not possible."""
         snapshot = await self.store.snapshot()
         unsaved_reach = {digest: self.reach[digest] for digest in self._unsaved if digest in self.reach}
-        self.layers = {**self._static, **snapshot.layers, **self._unsaved}
+        given = snapshot.layers
+        layers = given if isinstance(given, CompactLayers) else CompactLayers(given.values())
+        # The stores read straight into a compact set: never a million ForeignLayers at once.
+        for digest, layer in self._static.items():
+            if digest not in layers:
+                layers.put(layer)
+        for layer in self._unsaved.values():
+            layers.put(layer)
+        self.layers = layers
         self.reach = {
             digest: reach for digest, reach in snapshot.reach.items()
             if digest not in self._static and digest not in self._unsaved
         } | unsaved_reach  # fmt: skip
-        self.diff_ids = index_diff_ids(self.layers.values())
         self._generation = snapshot.generation
 
     def _refill(self) -> None:
@@ -218,23 +225,11 @@ class KnownForeign:
         self._generation = changes.generation
 
     def _remember(self, layer: ForeignLayer) -> None:
-        known = self.layers.get(layer.digest)
-        if known is not None and known.diff_id and known.diff_id != layer.diff_id:
-            self._drop_diff_id(known)
-        self.layers[layer.digest] = layer
-        if layer.diff_id:
-            self.diff_ids[layer.diff_id] = layer
+        self.layers.put(layer)
 
     def _forget_locally(self, digest: str) -> None:
-        known = self.layers.pop(digest, None)
+        self.layers.pop_layer(digest)
         self.reach.pop(digest, None)
-        if known is not None and known.diff_id:
-            self._drop_diff_id(known)
-
-    def _drop_diff_id(self, layer: ForeignLayer) -> None:
-        indexed = self.diff_ids.get(layer.diff_id or "")
-        if indexed is not None and indexed.digest == layer.digest:
-            del self.diff_ids[layer.diff_id or ""]
 
     async def run(self) -> None:
         """Save pending writes and follow other processes' changes until cancelled."""

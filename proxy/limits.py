@@ -9,7 +9,7 @@ import logging
 import resource
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, cast
 
 from aiohttp import web
@@ -21,7 +21,7 @@ from proxy.errors import (
     GatewayError,
     error_body,
 )
-from proxy.forwarding import StreamAborted
+from proxy.forwarding import StreamAborted, WaitDeadline
 from proxy.logs import log_event
 
 logger = logging.getLogger("foreign_layer_proxy.limits")
@@ -343,17 +343,28 @@ class DeadlineResponse(web.StreamResponse):
     def __init__(self, *, write_timeout: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.write_timeout = write_timeout
+        self._deadline: WaitDeadline | None = None
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
-        try:
-            async with asyncio.timeout(self.write_timeout):
-                await super().write(data)
-        except TimeoutError:
-            raise StreamAborted(f"client read too little for {self.write_timeout:g} s") from None
+        await self._timed(super().write(data))
 
     async def write_eof(self, data: bytes = b"") -> None:
         try:
-            async with asyncio.timeout(self.write_timeout):
-                await super().write_eof(data)
-        except TimeoutError:
-            raise StreamAborted(f"client read too little for {self.write_timeout:g} s") from None
+            await self._timed(super().write_eof(data))
+        finally:
+            if self._deadline is not None:
+                self._deadline.close()
+
+    async def _timed(self, sending: Coroutine[Any, Any, None]) -> None:
+        deadline = self._deadline
+        if deadline is None:
+            deadline = self._deadline = WaitDeadline(self.write_timeout)
+        deadline.waiting()
+        try:
+            await sending
+        except asyncio.CancelledError:
+            if deadline.expired():
+                raise StreamAborted(f"client read too little for {self.write_timeout:g} s") from None
+            raise
+        finally:
+            deadline.done()

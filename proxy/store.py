@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from proxy.compact import CompactLayers
 from proxy.manifests import ForeignLayer
 from proxy.trust import (
     EVERYWHERE,
@@ -90,7 +91,7 @@ class KnownSnapshot:
     enforced everywhere."""
 
     generation: int
-    layers: dict[str, ForeignLayer]
+    layers: Mapping[str, ForeignLayer]  # a CompactLayers when read from a database
     reach: dict[str, Reach]
 
 
@@ -613,19 +614,17 @@ class SqliteStore:
         return await self._write(learn_layers)
 
     async def known(self) -> dict[str, ForeignLayer]:
-        return (await self.snapshot()).layers
+        return dict((await self.snapshot()).layers)
 
     async def snapshot(self) -> KnownSnapshot:
         def select_layers(connection: sqlite3.Connection) -> KnownSnapshot:
             generation = _meta(connection, "generation")
-            layers: dict[str, ForeignLayer] = {}
+            layers = CompactLayers()
             reach: dict[str, Reach] = {}
-            media_types: dict[str, str] = {}
             for row in connection.execute(f"SELECT {LAYER_COLUMNS}, reach FROM foreign_layers"):
                 digest, media_type, size, urls, diff_id, scoped = row
-                # One string per media type, not one per row: a million layers share a handful.
-                media_type = media_types.setdefault(media_type, media_type)
-                layers[digest] = ForeignLayer(digest, media_type, size, _urls(urls), diff_id)
+                # Into the compact set row by row: a million ForeignLayers at once would cost ~300 MiB.
+                layers.add(digest, media_type, size, _urls(urls), diff_id)
                 if (scoped_reach := decode_reach(scoped)) is not None:
                     reach[digest] = scoped_reach
             return KnownSnapshot(generation, layers, reach)

@@ -33,6 +33,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, WatchError
 from redis.typing import EncodableT
 
+from proxy.compact import CompactLayers
 from proxy.manifests import ForeignLayer
 from proxy.store import (
     NO_TLS,
@@ -401,15 +402,14 @@ class RedisStore:
         pipe.publish(CHANNEL, "learn")
 
     async def known(self) -> dict[str, ForeignLayer]:
-        return (await self.snapshot()).layers
+        return dict((await self.snapshot()).layers)
 
     async def snapshot(self) -> KnownSnapshot:
         # In slices rather than one HGETALL: decoding 100k entries at once stalls the event loop (so
         # every request of the gateway) for ~0.35 s, a slice for a few ms. Not a snapshot, but a change
         # made meanwhile moves the generation (read first), so the caller's next poll reads it again.
-        layers: dict[str, ForeignLayer] = {}
+        layers = CompactLayers()  # row by row: a million ForeignLayers at once would cost ~300 MiB
         reach: dict[str, Reach] = {}
-        media_types: dict[str, str] = {}
         cursor = "0"
         with self._backend_errors():
             generation = int(cast(str | None, await self._client.get(GENERATION)) or 0)
@@ -419,9 +419,7 @@ class RedisStore:
                 for digest, (media_type, size, urls, diff_id, *scoped) in zip(
                     digests.split("\n") if digests else (), decoded, strict=True
                 ):
-                    # One string per media type, not one per layer: a million layers share a handful.
-                    media_type = media_types.setdefault(media_type, media_type)
-                    layers[digest] = ForeignLayer(digest, media_type, size, tuple(urls) if urls else (), diff_id)
+                    layers.add(digest, media_type, size, tuple(urls) if urls else (), diff_id)
                     if (scoped_reach := _reach(scoped)) is not None:
                         reach[digest] = scoped_reach
                 if cursor == "0":

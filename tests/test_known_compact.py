@@ -1,0 +1,205 @@
+"""The compact known set: a Mapping of digest to ForeignLayer that holds a million digests in under 150 MiB,
+and answers exactly as a dict of ForeignLayer would."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_trust import fill_sqlite
+
+from proxy.compact import CompactLayers
+from proxy.known import KnownForeign
+from proxy.manifests import ForeignLayer
+from proxy.policy import Action, Policy
+from proxy.store import MemoryStore, Sighting, SqliteStore
+from proxy.trust import Reach
+
+FOREIGN = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+NONDISTRIBUTABLE = "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"
+MILLION = 1_000_000
+BUDGET_MIB = 150
+
+
+def digest(number: int) -> str:
+    return f"sha256:{number:064x}"
+
+
+def layer(number: int, **fields: object) -> ForeignLayer:
+    values: dict[str, object] = {"media_type": FOREIGN, "size": 1000 + number, **fields}
+    return ForeignLayer(digest(number), **values)  # type: ignore[arg-type]
+
+
+SHA512 = "sha512:" + "ab" * 64
+UPPER = "sha256:" + "AB" * 32
+LOWER = "sha256:" + "ab" * 32
+
+
+@pytest.mark.parametrize(
+    ("stored", "asked", "found"),
+    [
+        pytest.param(LOWER, LOWER, True, id="canonical"),
+        pytest.param(LOWER, UPPER, False, id="upper-case-spelling-is-another-digest"),
+        pytest.param(UPPER, UPPER, True, id="upper-case-stored-as-given"),
+        pytest.param(UPPER, LOWER, False, id="upper-case-stored-not-canonical"),
+        pytest.param(SHA512, SHA512, True, id="another-algorithm"),
+        pytest.param(LOWER, "sha512:" + "ab" * 32, False, id="same-hex-other-algorithm"),
+        pytest.param(LOWER, "sha256:" + "ab" * 31 + "a b", False, id="whitespace-in-hex"),
+        pytest.param(LOWER, "sha256:" + "zz" * 32, False, id="not-hex"),
+        pytest.param(LOWER, "", False, id="empty"),
+        pytest.param(LOWER, "sha256:" + "ab" * 33, False, id="too-long"),
+    ],
+)
+def test_a_digest_is_found_only_as_it_was_stored(stored: str, asked: str, found: bool) -> None:
+    known = ForeignLayer(stored, FOREIGN, 7, ("https://example.invalid/l",), "sha256:" + "cd" * 32)
+    layers = CompactLayers([known])
+    assert (asked in layers, layers.get(asked)) == (found, known if found else None)
+    assert (list(layers), len(layers), layers[stored]) == ([stored], 1, known)
+    if not found:
+        with pytest.raises(KeyError):
+            layers[asked]
+
+
+def test_rare_fields_media_types_sizes_come_back_as_they_went_in() -> None:
+    given_layers = [
+        layer(1),
+        layer(2, media_type=NONDISTRIBUTABLE, size=0),
+        layer(3, urls=("https://a.invalid/x", "https://b.invalid/y")),
+        layer(4, diff_id=digest(104)),
+        layer(5, size=2**40),
+        ForeignLayer(SHA512, FOREIGN, 5, (), digest(105)),
+    ]
+    layers = CompactLayers(given_layers)
+    assert dict(layers) == {item.digest: item for item in given_layers}
+    assert layers == {item.digest: item for item in given_layers}
+    assert dict(layers.diff_ids) == {digest(104): layer(4, diff_id=digest(104)), digest(105): given_layers[-1]}
+    assert 42 not in layers  # type: ignore[comparison-overlap]
+
+
+def test_replacing_and_forgetting_keep_the_diff_id_index_in_step() -> None:
+    layers = CompactLayers([layer(1, diff_id=digest(101)), layer(2, diff_id=digest(102))])
+    layers.put(layer(1, diff_id=digest(111), size=9))
+    assert (layers[digest(1)].size, set(layers.diff_ids)) == (9, {digest(111), digest(102)})
+    layers.put(layer(3, diff_id=digest(102)))  # the same diff_id now names another layer
+    assert layers.diff_ids[digest(102)].digest == digest(3)
+    layers.pop_layer(digest(2))  # no longer indexed for it: the index keeps naming layer 3
+    assert layers.diff_ids.get(digest(102)) == layer(3, diff_id=digest(102))
+    assert layers.pop_layer(digest(3)) == layer(3, diff_id=digest(102))
+    assert (digest(102) in layers.diff_ids, layers.diff_ids.get(digest(102)), len(layers.diff_ids)) == (False, None, 1)
+    assert layers.pop_layer(digest(3)) is None
+    layers.put(layer(4))  # takes a freed row: nothing of the layer before shows
+    assert (dict(layers), len(layers)) == ({digest(1): layer(1, diff_id=digest(111), size=9), digest(4): layer(4)}, 2)
+
+
+OPERATIONS = st.lists(
+    st.tuples(
+        st.sampled_from(["put", "pop"]),
+        st.integers(0, 12),
+        st.sampled_from([FOREIGN, NONDISTRIBUTABLE]),
+        st.integers(-1, 2**40),
+        st.sampled_from([(), ("https://a.invalid/x",)]),
+        st.sampled_from([None, digest(200), digest(201)]),
+        st.sampled_from(["sha256:{:064x}", "sha512:{:0128x}", "sha256:{:064X}"]),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=200, deadline=None, database=None, derandomize=True)
+@given(OPERATIONS)
+def test_any_sequence_of_puts_and_pops_answers_as_a_dict_does(operations: list[tuple]) -> None:  # type: ignore[type-arg]
+    layers = CompactLayers()
+    model: dict[str, ForeignLayer] = {}
+    diff_ids: dict[str, str] = {}
+    for operation, number, media_type, size, urls, diff_id, spelling in operations:
+        name = spelling.format(number + 10)
+        if operation == "put":
+            if (old := model.get(name)) is not None and old.diff_id and diff_ids.get(old.diff_id) == name:
+                del diff_ids[old.diff_id]
+            model[name] = ForeignLayer(name, media_type, size, urls, diff_id)
+            if diff_id:
+                diff_ids[diff_id] = name
+            layers.put(model[name])
+        else:
+            old = model.pop(name, None)
+            if old is not None and old.diff_id and diff_ids.get(old.diff_id) == name:
+                del diff_ids[old.diff_id]
+            assert layers.pop_layer(name) == old
+        assert len(layers) == len(model) and sorted(layers) == sorted(model)
+        assert all(layers.get(name) == model[name] and name in layers for name in model)
+        assert {key: value.digest for key, value in layers.diff_ids.items()} == diff_ids
+
+
+MEASURE_A_MILLION = """
+import asyncio, gc, sys
+from pathlib import Path
+from proxy.known import KnownForeign
+from proxy.store import SqliteStore
+
+
+def resident_mib() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096 / 2**20
+
+
+async def main() -> None:
+    known = KnownForeign(SqliteStore(Path(sys.argv[1])))
+    gc.collect()
+    before = resident_mib()
+    await known.resync()
+    gc.collect()
+    print(resident_mib() - before, len(known.layers))
+
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.slow
+async def test_a_million_known_digests_from_sqlite_are_held_in_under_150_mib(tmp_path: Path) -> None:
+    """Resident memory of a gateway process before and after loading a million digests from its store:
+    the store reads rows straight into the compact set, so no million ForeignLayers pass through."""
+    path = tmp_path / "foreign-layers.db"
+    store = SqliteStore(path)
+    await store.learn([layer(0)], Sighting("learn"))
+    await store.close()
+    await asyncio.to_thread(fill_sqlite, path, MILLION - 1)
+    command = [sys.executable, "-c", MEASURE_A_MILLION, str(path)]
+    found = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=120, check=False)
+    assert found.returncode == 0, found.stderr
+    held, count = found.stdout.split()
+    print(f"a million known digests: +{float(held):.0f} MiB resident")
+    assert (float(held) < BUDGET_MIB, int(count)) == (True, MILLION)
+
+
+def test_decisions_read_the_compact_set_as_they_read_a_dict() -> None:
+    layers = {digest(n): layer(n) for n in range(10)}
+    compact = CompactLayers(layers.values())
+    reach = {digest(3): Reach(frozenset({"tenant-a"})), digest(4): Reach(frozenset(), frozenset({"tenant-a"}))}
+    policy = Policy(Action.DROP)
+    for repository in ("tenant-a/app", "tenant-b/app"):
+        for candidates in ([digest(11), digest(5)], [digest(3)], [digest(4)], [digest(12)], [digest(11), digest(3)]):
+            expected = policy.decide(repository, candidates, layers, {}, reach)
+            assert policy.decide(repository, candidates, compact, compact.diff_ids, reach) == expected
+
+
+async def test_a_process_follows_learning_forgetting_and_diff_ids_through_the_store() -> None:
+    store = MemoryStore()
+    known, other = KnownForeign(store), KnownForeign(store)
+    await known.resync()
+    other.learn([layer(1, diff_id=digest(101)), layer(2)], Sighting("manifest-put", "a/b"))
+    await other.flush()
+    await known.resync()
+    assert known.layers == {digest(1): layer(1, diff_id=digest(101)), digest(2): layer(2)}
+    assert known.diff_ids.get(digest(101)) == layer(1, diff_id=digest(101))
+    other.fill_size(digest(2), 5)  # layer 2 has a size: not replaced
+    await store.forget([digest(1)])
+    await known.resync()
+    assert (dict(known.layers), dict(known.diff_ids)) == ({digest(2): layer(2)}, {})
+    policy = Policy(Action.REJECT)
+    assert policy.decide("a/b", [digest(1), digest(101)], known.layers, known.diff_ids, known.reach) is None
