@@ -132,6 +132,13 @@ class Containerd(Service):
             "images", "push", "--plain-http", *flags, dest, local_ref, timeout=timeout
         )
 
+    @staticmethod
+    def push_panicked(result: subprocess.CompletedProcess[str]) -> bool:
+        """containerd 1.6's pusher can race with itself ("send on closed channel") when one of its concurrent
+        uploads is refused: a crash of ctr's own, whatever the registry answered."""
+        output = result.stdout + result.stderr
+        return "panic: send on closed channel" in output and "remotes/docker/pusher.go" in output
+
     def _ctr(self, *args: str | Path) -> list[str | Path]:
         return ["ctr", "--address", self.socket, "--namespace", self.namespace, *args]
 
