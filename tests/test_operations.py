@@ -13,7 +13,7 @@ import signal
 import ssl
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -30,8 +30,8 @@ from support.protocol import (
     absolute,
     call,
     digest_of,
+    patch_held_open,
     push_single_put,
-    start_upload,
     teach,
     upstream_has,
     with_digest,
@@ -101,14 +101,7 @@ async def test_readiness_is_503_while_draining(
     gateway: GatewayProcess, registry: Registry, http: aiohttp.ClientSession
 ) -> None:
     release = asyncio.Event()
-
-    async def slow_body() -> AsyncIterator[bytes]:
-        yield b"x" * 1024
-        await release.wait()
-        yield b"y" * 1024
-
-    location = await start_upload(http, gateway.url, "drain/test")
-    upload = asyncio.create_task(call(http, "PATCH", location, data=slow_body()))
+    upload = await patch_held_open(http, gateway.url, "drain/test", release)
     await gateway.wait_for("request")  # the POST's line: the PATCH is under way after it
     await asyncio.sleep(0.2)
     assert (await call(http, "GET", f"{gateway.admin_url}/readyz")).status == 200

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -23,8 +22,8 @@ from support.protocol import (
     Answer,
     call,
     digest_of,
+    patch_held_open,
     push_single_put,
-    start_upload,
     teach,
 )
 from support.registry import Registry
@@ -139,14 +138,7 @@ async def test_sigterm_drains_every_worker_and_the_supervisor_exits_0(
     gateway = await start_workers(gateway_factory, registry)
     pids = worker_pids(gateway)
     release = asyncio.Event()
-
-    async def slow_body() -> AsyncIterator[bytes]:
-        yield b"x" * 1024
-        await release.wait()
-        yield b"y" * 1024
-
-    location = await start_upload(http, gateway.url, "drain/test")
-    upload = asyncio.create_task(call(http, "PATCH", location, data=slow_body()))
+    upload = await patch_held_open(http, gateway.url, "drain/test", release)
     await gateway.wait_for("request")  # the POST's line: the PATCH is under way after it
     await asyncio.sleep(0.3)
     os.kill(gateway.process.pid, signal.SIGTERM)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,20 @@ async def start_upload(session: aiohttp.ClientSession, base: str, repository: st
     answer = await call(session, "POST", f"{base}/v2/{repository}/blobs/uploads/")
     assert answer.status == 202, answer
     return absolute(base, answer.headers["Location"])
+
+
+async def patch_held_open(
+    session: aiohttp.ClientSession, base: str, repository: str, release: asyncio.Event
+) -> asyncio.Task[Answer]:
+    """An upload in flight: a PATCH that sends 1 KiB, then its last 1 KiB only once `release` is set."""
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        yield b"x" * 1024
+        await release.wait()
+        yield b"y" * 1024
+
+    location = await start_upload(session, base, repository)
+    return asyncio.create_task(call(session, "PATCH", location, data=slow_body()))
 
 
 async def push_chunked(
