@@ -6,7 +6,7 @@ so that only the proxy's own cost shows. In one run, rounds alternate between (i
 - `nginx`: nginx (one worker, as bench/run.py configures it) proxying to the static upstream;
 - `aiohttp-constant`: a bare aiohttp server answering `{}` itself (aiohttp's server floor);
 - `aiohttp-relay`: a bare aiohttp handler passing each request to the static upstream with aiohttp's client;
-- each gateway variant (`--variant NAME=SOURCE_DIR`, default this checkout and `--base REF`), at the default
+- each gateway variant (`--variant NAME=DIR_OR_REF`, default this checkout and `--base REF`), at the default
   log level (info: one access-log line per request) and at warning.
 
 Each measurement is wrk (one thread) for `--seconds` against one target; CPU is utime + stime from
@@ -219,8 +219,8 @@ def profile(target: Target, wrk: Wrk, requests: Path, connections: int, seconds:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="main", help="commit of the `base` gateway variant (default: main)")
-    parser.add_argument("--variant", action="append", default=[], metavar="NAME=SOURCE_DIR",
-                        help="more gateway variants: a directory holding a `proxy` package")  # fmt: skip
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=DIR_OR_REF",
+                        help="more gateway variants: a directory holding a `proxy` package, or a commit")  # fmt: skip
     parser.add_argument("--no-base", action="store_true", help="only this checkout (and --variant ones)")
     parser.add_argument("--levels", default="info,warning")
     parser.add_argument("--kinds", default=",".join(REQUESTS), help=f"requests in the mix: {', '.join(REQUESTS)}")
@@ -239,8 +239,8 @@ def main() -> int:
         if not options.no_base:
             sources["base"] = source_tree(options.base, workdir)
         for variant in options.variant:
-            name, _, path = variant.partition("=")
-            sources[name] = Path(path).resolve()
+            name, _, where = variant.partition("=")
+            sources[name] = Path(where).resolve() if Path(where).is_dir() else source_tree(where, workdir)
         if not options.no_reference:
             nginx = Nginx(workdir / "nginx", upstream).start()
             targets.append(Target("nginx", nginx.process, nginx.host_port, nginx=nginx))
