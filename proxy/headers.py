@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ _LINK_TARGET = re.compile(r"<([^>]*)>")
 X_FORWARDED_HEADERS = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
 FORWARDING_HEADERS = X_FORWARDED_HEADERS | {"forwarded"}
 # host or [v6]:port, as the registry will put it into URLs: no paths, spaces, quotes or userinfo.
+# Peer addresses whose trust is remembered (proxy.headers.trusts); a few KiB.
+TRUST_CACHE_SIZE = 1024
 _AUTHORITY = re.compile(r"(?:[A-Za-z0-9._~!$&'()*+=-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
 
@@ -104,6 +107,14 @@ def _ip(address: str | None) -> IPv4Address | IPv6Address | None:
 
 
 def trusts(networks: Iterable[IPv4Network | IPv6Network], address: str | None) -> bool:
+    networks = tuple(networks)
+    return bool(networks) and address is not None and _trusted(networks, address)
+
+
+@functools.lru_cache(maxsize=TRUST_CACHE_SIZE)
+def _trusted(networks: tuple[IPv4Network | IPv6Network, ...], address: str) -> bool:
+    """Parsing an address and testing each network costs more than the rest of a request's header work; a
+    gateway sees the same few peers (its load balancers, its clients) over and over."""
     parsed = _ip(address)
     return parsed is not None and any(parsed in network for network in networks)
 

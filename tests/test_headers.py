@@ -17,6 +17,7 @@ from proxy.headers import (
     client_view,
     downstream_response_headers,
     origin,
+    trusts,
     upstream_request_headers,
 )
 
@@ -541,3 +542,13 @@ def test_forwarding_only_adds_its_own_headers(
         pair for pair in expected_end_to_end(list(incoming.items())) if pair[0].lower() not in own
     ]
     assert values(result, "Host") == [upstream_authority or "gw:5000"]
+
+
+def test_trust_is_decided_per_network_list_however_often_asked() -> None:
+    for _ in range(2):  # the second time from the memo
+        assert trusts(parse_networks("10.0.0.0/8"), "10.1.2.3")
+        assert not trusts(parse_networks("192.168.0.0/16"), "10.1.2.3")
+        assert not trusts((), "10.1.2.3")
+        assert not trusts(parse_networks("10.0.0.0/8"), "10.1.2.300")
+        assert not trusts(parse_networks("10.0.0.0/8"), None)
+        assert trusts(parse_networks("::1/128"), "[::1]")
