@@ -246,6 +246,11 @@ class UpstreamSlots:
         self._holders: dict[str, int] = {}
         self.queue_timeout = queue_timeout
 
+    @property
+    def unlimited(self) -> bool:
+        """No limit at all (the default): nothing to hold, and a request need not go through `hold`."""
+        return self._total is None and not self._per_client_limit
+
     @contextlib.asynccontextmanager
     async def hold(self, client: str | None) -> AsyncIterator[None]:
         key = client or ""

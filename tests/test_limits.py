@@ -129,3 +129,9 @@ def test_the_open_file_limit_is_the_hard_limit_after_raising() -> None:
         assert raised == hard or hard == resource.RLIM_INFINITY
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_upstream_slots_are_unlimited_only_without_any_limit() -> None:
+    assert UpstreamSlots(total=0, per_client=0, queue_timeout=1).unlimited
+    assert not UpstreamSlots(total=0, per_client=1, queue_timeout=1).unlimited
+    assert not UpstreamSlots(total=1, per_client=0, queue_timeout=1).unlimited
