@@ -13,7 +13,12 @@ Each measurement is wrk (one thread) for `--seconds` against one target; CPU is 
 /proc/PID/stat of the target's process (the nginx worker), divided by the requests served. Medians over
 rounds, and the ratio of each to nginx. `--profile DIR` records the gateways with py-spy afterwards.
 
+On a busy machine those figures vary by 20 % from round to round; `--callgrind N` instead counts the user-space
+instructions (valgrind's callgrind, instrumentation switched on after a warm-up) each server spends on N
+requests of the mix, repeatable to about a percent: the measure for comparing changes of Python code.
+
     .venv/bin/python bench/hotpath.py [--base REF] [--rounds 5] [--seconds 3] [--connections 16]
+    .venv/bin/python bench/hotpath.py --callgrind 600 --base REF --variant NAME=REF --levels warning
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -164,12 +171,9 @@ def source_tree(ref: str, workdir: Path) -> Path:
 def start_gateway(name: str, source: Path, upstream: str, level: str, workdir: Path) -> Target:
     folder = workdir / name
     folder.mkdir()
-    port, admin = free_port(), free_port()
-    process = ManagedProcess(
-        [sys.executable, "-m", "proxy", "serve", "--upstream", f"http://{upstream}", "--listen", f"{HOST}:{port}",
-         "--admin-listen", f"{HOST}:{admin}", "--store", "memory://", "--log-level", level],
-        log_path=folder / "gateway.log", env={"PYTHONPATH": str(source)}, cwd=folder,
-    )  # fmt: skip
+    port = free_port()
+    command, env = gateway_command(source, upstream, level, port)
+    process = ManagedProcess(command, log_path=folder / "gateway.log", env=env, cwd=folder)
     process.start()
     process.wait_for_port(HOST, port)
     return Target(name, process, f"{HOST}:{port}")
@@ -203,6 +207,73 @@ def measure(wrk: Wrk, target: Target, requests: Path, connections: int, seconds:
     target.rps.append(result.rps)
 
 
+def send_requests(host_port: str, requests: list[tuple[str, str]], count: int, connections: int = 4) -> None:
+    """`count` requests of the mix over `connections` keep-alive connections, one after the other on each."""
+    host, port = host_port.split(":")
+    sockets = [socket.create_connection((host, int(port))) for _ in range(connections)]
+    try:
+        for index in range(0, count, connections):
+            sent = []
+            for number, sock in enumerate(sockets):
+                method, target = requests[(index + number) % len(requests)]
+                sock.sendall(f"{method} {target} HTTP/1.1\r\nHost: {host_port}\r\n\r\n".encode())
+                sent.append(method)
+            for sock, method in zip(sockets, sent, strict=True):
+                read_answer(sock, method)
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def read_answer(sock: socket.socket, method: str) -> None:
+    """One 200 answer: its head, then as many body bytes as its Content-Length says (the mix has no chunked ones)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        received = sock.recv(65536)
+        if not received:
+            raise SystemExit("connection closed mid-answer")
+        data += received
+    head, _, body = data.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200 "):
+        raise SystemExit(f"unexpected answer: {head!r}")
+    found = re.search(rb"(?im)^content-length: *(\d+)", head)
+    remaining = (int(found.group(1)) if found and method != "HEAD" else 0) - len(body)
+    while remaining > 0:
+        remaining -= len(sock.recv(remaining))
+
+
+def gateway_command(source: Path, upstream: str, level: str, port: int) -> tuple[list[str], dict[str, str]]:
+    command = [sys.executable, "-m", "proxy", "serve", "--upstream", f"http://{upstream}", "--listen",
+               f"{HOST}:{port}", "--admin-listen", f"{HOST}:{free_port()}", "--store", "memory://", "--log-level", level]  # fmt: skip
+    return command, {"PYTHONPATH": str(source)}
+
+
+def instructions(name: str, command: list[str], env: dict[str, str], port: int, workdir: Path, count: int,
+                 requests: list[tuple[str, str]]) -> float:
+    """Instructions (callgrind's Ir, user space only) a server spends per request, over `count` requests
+    after a warm-up: repeatable to about a percent, whatever else the machine does."""
+    folder = workdir / f"callgrind-{name}"
+    folder.mkdir()
+    out = folder / "callgrind.out"
+    process = ManagedProcess(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
+                              *command], log_path=folder / "server.log", env=env, cwd=folder)  # fmt: skip
+    process.start()
+    try:
+        process.wait_for_port(HOST, port, timeout=300)
+        send_requests(f"{HOST}:{port}", requests, 200)  # warm-up: pools, caches, lazily built objects
+        subprocess.run(["callgrind_control", "--instr=on", str(process.pid)], check=True, capture_output=True)
+        send_requests(f"{HOST}:{port}", requests, count)
+        subprocess.run(["callgrind_control", "--dump", str(process.pid)], check=True, capture_output=True)
+    finally:
+        process.stop()
+    for dump in folder.glob("callgrind.out*"):  # the dump asked for; not the one written at exit
+        text = dump.read_text(errors="replace")
+        found = re.search(r"^summary: (\d+)", text, re.MULTILINE)
+        if found and "Trigger: Program termination" not in text:
+            return int(found.group(1)) / count
+    raise SystemExit(f"{name}: no callgrind dump in {folder}")
+
+
 def profile(target: Target, wrk: Wrk, requests: Path, connections: int, seconds: int, folder: Path) -> None:
     py_spy = Path(sys.executable).parent / "py-spy"
     if not py_spy.exists():
@@ -214,6 +285,44 @@ def profile(target: Target, wrk: Wrk, requests: Path, connections: int, seconds:
     time.sleep(0.5)
     wrk.run(target.host_port, requests, connections, seconds, {})
     recorder.wait(timeout=seconds + 30)
+
+
+def gateway_sources(options: argparse.Namespace, workdir: Path) -> dict[str, Path]:
+    sources = {"this": CHECKOUT}
+    if not options.no_base:
+        sources["base"] = source_tree(options.base, workdir)
+    for variant in options.variant:
+        name, _, where = variant.partition("=")
+        sources[name] = Path(where).resolve() if Path(where).is_dir() else source_tree(where, workdir)
+    return sources
+
+
+def count_instructions(options: argparse.Namespace, workdir: Path) -> int:
+    static: ManagedProcess | None = None
+    counts: dict[str, float] = {}
+    requests = [REQUESTS[kind] for kind in options.kinds.split(",")]
+    try:
+        static, upstream = static_upstream(workdir)
+        servers: dict[str, tuple[list[str], dict[str, str], int]] = {}
+        if not options.no_reference:
+            script = workdir / "bare.py"
+            script.write_text(BARE_SERVER)
+            for mode in ("constant", "relay"):
+                port = free_port()
+                servers[f"aiohttp-{mode}"] = [sys.executable, str(script), mode, str(port), f"http://{upstream}"], {}, port
+        for name, source in gateway_sources(options, workdir).items():
+            for level in options.levels.split(","):
+                port = free_port()
+                servers[f"{name}@{level}"] = (*gateway_command(source, upstream, level, port), port)
+        for label, (command, env, port) in servers.items():
+            counts[label] = instructions(label, command, env, port, workdir, options.callgrind, requests)
+            print(f"{label}: {counts[label]:,.0f} instructions a request", flush=True)
+    finally:
+        if static is not None:
+            static.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(json.dumps({"kinds": options.kinds, "requests": options.callgrind, "instructions_per_request": counts}))
+    return 0
 
 
 def main() -> int:
@@ -228,19 +337,18 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--no-reference", action="store_true", help="without nginx and the bare aiohttp servers")
+    parser.add_argument("--callgrind", type=int, metavar="N",
+                        help="instead: instructions per request of each gateway variant over N requests (valgrind)")  # fmt: skip
     parser.add_argument("--profile", type=Path, help="folder for py-spy raw (collapsed) stacks of each gateway")
     options = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="bench-hotpath-"))
+    if options.callgrind:
+        return count_instructions(options, workdir)
     targets: list[Target] = []
     static: ManagedProcess | None = None
     try:
         static, upstream = static_upstream(workdir)
-        sources = {"this": CHECKOUT}
-        if not options.no_base:
-            sources["base"] = source_tree(options.base, workdir)
-        for variant in options.variant:
-            name, _, where = variant.partition("=")
-            sources[name] = Path(where).resolve() if Path(where).is_dir() else source_tree(where, workdir)
+        sources = gateway_sources(options, workdir)
         if not options.no_reference:
             nginx = Nginx(workdir / "nginx", upstream).start()
             targets.append(Target("nginx", nginx.process, nginx.host_port, nginx=nginx))
