@@ -27,6 +27,7 @@ from proxy.errors import (
     add_foreign_layer_hint,
 )
 from proxy.forwarding import (
+    STREAM_BUFFER_BYTES,
     StreamAborted,
     Upstream,
     client_body,
@@ -761,8 +762,10 @@ class Gateway:
 
     async def respond(self, request: web.Request, upstream: ClientResponse, body: bytes | None) -> web.StreamResponse:
         """Send the upstream's answer on: `body` when the gateway already read it, else streamed."""
+        length = upstream.content_length
         response = DeadlineResponse(
             write_timeout=self.settings.server.write_timeout,
+            small=body is not None or (length is not None and length <= STREAM_BUFFER_BYTES),
             status=upstream.status,
             reason=upstream.reason,
             headers=downstream_response_headers(

@@ -345,10 +345,14 @@ class DeadlineResponse(web.StreamResponse):
     seconds (the client stopped reading, or reads a few bytes now and then) cuts the client off, which
     frees the upstream connection it was holding."""
 
-    def __init__(self, *, write_timeout: float, **kwargs: Any) -> None:
+    def __init__(self, *, write_timeout: float, small: bool = False, **kwargs: Any) -> None:
+        """`small`: a body known to be short, whose head goes out with it in one write (aiohttp's own
+        Response does so) rather than in a write of its own as soon as the response is prepared."""
         super().__init__(**kwargs)
         self.write_timeout = write_timeout
         self._deadline: WaitDeadline | None = None
+        if small:
+            self._send_headers_immediately = False
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         await self._timed(super().write(data))

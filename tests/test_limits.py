@@ -8,7 +8,10 @@ import json
 import resource
 from collections.abc import AsyncIterator
 
+import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from proxy.errors import (
     SERVER_BUSY,
@@ -18,7 +21,7 @@ from proxy.errors import (
     error_response,
 )
 from proxy.forwarding import StreamAborted
-from proxy.limits import MemoryBudget, UpstreamSlots, at_least, raise_open_file_limit
+from proxy.limits import DeadlineResponse, MemoryBudget, UpstreamSlots, at_least, raise_open_file_limit
 from proxy.lru import Lru
 
 
@@ -135,3 +138,27 @@ def test_upstream_slots_are_unlimited_only_without_any_limit() -> None:
     assert UpstreamSlots(total=0, per_client=0, queue_timeout=1).unlimited
     assert not UpstreamSlots(total=0, per_client=1, queue_timeout=1).unlimited
     assert not UpstreamSlots(total=1, per_client=0, queue_timeout=1).unlimited
+
+
+@pytest.mark.parametrize(("small", "writes"), [(True, 1), (False, 2)])
+async def test_a_short_answers_head_goes_out_with_its_body(small: bool, writes: int) -> None:
+    sent: list[bytes] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        transport = request.transport
+        assert transport is not None
+        original = transport.write
+        transport.write = lambda data: (sent.append(bytes(data)), original(data))[1]  # type: ignore[method-assign]
+        response = DeadlineResponse(write_timeout=5, small=small, headers={"Content-Length": "2"})
+        await response.prepare(request)
+        await response.write(b"{}")
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    async with TestServer(app) as server, aiohttp.ClientSession() as session:
+        async with session.get(server.make_url("/")) as answer:
+            assert await answer.read() == b"{}"
+    assert len(sent) == writes
+    assert sent[-1].endswith(b"\r\n\r\n{}" if small else b"{}")
