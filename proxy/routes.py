@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import posixpath
-import re
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -22,24 +21,44 @@ class RouteKind(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Route:
+    """`/v2/<name><marker>`, then with `reference` one more segment, `/<reference>`; without, an optional
+    `/` when `trailing_slash`. A name is one or more characters, slashes included, but no newline."""
+
     kind: RouteKind
-    pattern: re.Pattern[str]
+    marker: str
+    reference: bool
+    trailing_slash: bool = False
+
+    def match(self, path: str) -> RouteMatch | None:
+        """This route's reading of a cleaned path that starts with `/v2/`, or None."""
+        reference: str | None = None
+        if self.reference:
+            head, _, reference = path.rpartition("/")
+            if not reference:
+                return None
+        else:
+            head = path[:-1] if self.trailing_slash and path.endswith("/") else path
+        if not head.endswith(self.marker):
+            return None
+        name = head[len(NAME_PREFIX) : len(head) - len(self.marker)]
+        if not name or "\n" in name:
+            return None
+        return RouteMatch(self.kind, name, reference)
 
 
-# Names are matched loosely on purpose: the upstream judges a name's validity, the gateway only
-# needs to find the repository and digest of every push, whatever the name looks like.
-ROUTES: tuple[Route, ...] = tuple(
-    Route(kind, re.compile(pattern))
-    for kind, pattern in (
-        (RouteKind.BASE, r"/v2/?"),
-        (RouteKind.CATALOG, r"/v2/_catalog"),
-        (RouteKind.UPLOAD_START, r"/v2/(?P<name>.+)/blobs/uploads/?"),
-        (RouteKind.UPLOAD_SESSION, r"/v2/(?P<name>.+)/blobs/uploads/(?P<reference>[^/]+)"),
-        (RouteKind.BLOB, r"/v2/(?P<name>.+)/blobs/(?P<reference>[^/]+)"),
-        (RouteKind.MANIFEST, r"/v2/(?P<name>.+)/manifests/(?P<reference>[^/]+)"),
-        (RouteKind.TAGS, r"/v2/(?P<name>.+)/tags/list"),
-        (RouteKind.REFERRERS, r"/v2/(?P<name>.+)/referrers/(?P<reference>[^/]+)"),
-    )
+# Names are matched loosely on purpose: the upstream judges a name's validity, the gateway only needs to find
+# the repository and digest of every push, whatever the name looks like. Tried in this order; the name is the
+# longest that fits (the reference is the last segment), as distribution's router (gorilla/mux) reads it.
+NAME_PREFIX = "/v2/"
+BASE_PATHS = frozenset({"/v2", "/v2/"})
+CATALOG_PATH = "/v2/_catalog"
+ROUTES: tuple[Route, ...] = (
+    Route(RouteKind.UPLOAD_START, "/blobs/uploads", reference=False, trailing_slash=True),
+    Route(RouteKind.UPLOAD_SESSION, "/blobs/uploads", reference=True),
+    Route(RouteKind.BLOB, "/blobs", reference=True),
+    Route(RouteKind.MANIFEST, "/manifests", reference=True),
+    Route(RouteKind.TAGS, "/tags/list", reference=False),
+    Route(RouteKind.REFERRERS, "/referrers", reference=True),
 )
 
 
@@ -48,6 +67,11 @@ class RouteMatch:
     kind: RouteKind
     repository: str | None = None
     reference: str | None = None
+
+
+BASE = RouteMatch(RouteKind.BASE)
+CATALOG = RouteMatch(RouteKind.CATALOG)
+OTHER = RouteMatch(RouteKind.OTHER)
 
 
 def clean_path(path: str) -> str:
@@ -63,14 +87,18 @@ def clean_path(path: str) -> str:
 
 
 def match_route(path: str) -> RouteMatch:
-    """Classify a decoded request path."""
+    """Classify a decoded request path: string tests on its ends, no regular expression."""
     cleaned = clean_path(path)
-    for route in ROUTES:
-        found = route.pattern.fullmatch(cleaned)
-        if found:
-            groups = found.groupdict()
-            return RouteMatch(route.kind, groups.get("name"), groups.get("reference"))
-    return RouteMatch(RouteKind.OTHER)
+    if cleaned in BASE_PATHS:
+        return BASE
+    if cleaned == CATALOG_PATH:
+        return CATALOG
+    if cleaned.startswith(NAME_PREFIX):
+        for route in ROUTES:
+            found = route.match(cleaned)
+            if found is not None:
+                return found
+    return OTHER
 
 
 def with_query_items(target: str, items: list[str]) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -207,3 +209,45 @@ def test_dot_segments_and_double_slashes_never_change_the_meaning(
     path += segments[-1] + (data.draw(noise) if trailing_slash else "")
 
     assert match_route(path) == expected
+
+
+# The route table as distribution's router reads it (regular expressions, as the gateway once matched them):
+# the string tests of proxy/routes.py must read every path the same way.
+REGEX_ROUTES = tuple(
+    (kind, re.compile(pattern))
+    for kind, pattern in (
+        (RouteKind.BASE, r"/v2/?"),
+        (RouteKind.CATALOG, r"/v2/_catalog"),
+        (RouteKind.UPLOAD_START, r"/v2/(?P<name>.+)/blobs/uploads/?"),
+        (RouteKind.UPLOAD_SESSION, r"/v2/(?P<name>.+)/blobs/uploads/(?P<reference>[^/]+)"),
+        (RouteKind.BLOB, r"/v2/(?P<name>.+)/blobs/(?P<reference>[^/]+)"),
+        (RouteKind.MANIFEST, r"/v2/(?P<name>.+)/manifests/(?P<reference>[^/]+)"),
+        (RouteKind.TAGS, r"/v2/(?P<name>.+)/tags/list"),
+        (RouteKind.REFERRERS, r"/v2/(?P<name>.+)/referrers/(?P<reference>[^/]+)"),
+    )
+)
+
+
+def regex_route(path: str) -> RouteMatch:
+    cleaned = clean_path(path)
+    for kind, pattern in REGEX_ROUTES:
+        found = pattern.fullmatch(cleaned)
+        if found:
+            return RouteMatch(kind, found.groupdict().get("name"), found.groupdict().get("reference"))
+    return RouteMatch(RouteKind.OTHER)
+
+
+path_parts = st.sampled_from(["v2", "blobs", "uploads", "manifests", "tags", "list", "referrers", "_catalog", "a",
+                              "b c", "a\nb", "\n", "", ".", "..", "x.y"])  # fmt: skip
+
+
+@given(st.lists(path_parts, max_size=8), st.booleans(), st.booleans())
+def test_routes_read_every_path_as_the_regular_expressions_do(parts: list[str], rooted: bool, v2: bool) -> None:
+    path = ("/v2/" if v2 else "/" if rooted else "") + "/".join(parts)
+    assert match_route(path) == regex_route(path)
+
+
+@pytest.mark.parametrize("path", ["/v2/a\nb/blobs/x", "/v2/a/blobs/x\ny", "/v2/\n/tags/list", "/v2/a/blobs/uploads/\n",
+                                  "/v2/a/manifests/b/blobs/c", "/v2/blobs/uploads/x"])  # fmt: skip
+def test_newlines_and_markers_inside_names(path: str) -> None:
+    assert match_route(path) == regex_route(path)
