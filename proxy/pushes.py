@@ -61,13 +61,20 @@ COMMIT_ROWS: tuple[CommitRow, ...] = (
 )  # fmt: skip
 
 
+# The rows of each (route, method), looked up once per request rather than scanned.
+ROWS_BY_ROUTE: dict[tuple[RouteKind, str], tuple[CommitRow, ...]] = {
+    (row.kind, row.method): tuple(other for other in COMMIT_ROWS if (other.kind, other.method) == (row.kind, row.method))
+    for row in COMMIT_ROWS
+}
+
+
 def rows_for(kind: RouteKind, method: str) -> tuple[CommitRow, ...]:
-    return tuple(row for row in COMMIT_ROWS if row.kind is kind and row.method == method)
+    return ROWS_BY_ROUTE.get((kind, method), ())
 
 
 def names_blobs(kind: RouteKind, method: str) -> bool:
     """Whether a request on this route with this method can name a blob for the registry to commit."""
-    return bool(rows_for(kind, method))
+    return (kind, method) in ROWS_BY_ROUTE
 
 
 # Go's strings ---------------------------------------------------------------------------------------------
