@@ -27,11 +27,19 @@ HOP_BY_HOP = frozenset(
         "expect",
     }
 )
-REWRITTEN_URL_HEADERS = ("Location", "Content-Location")
+REWRITTEN_URL_HEADERS = frozenset({"location", "content-location"})
 BODY_HEADERS = frozenset({"content-length", "content-type", "content-range", "content-encoding", "content-md5", "digest"})
 _LINK_TARGET = re.compile(r"<([^>]*)>")
 X_FORWARDED_HEADERS = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
 FORWARDING_HEADERS = X_FORWARDED_HEADERS | {"forwarded"}
+# The forwarding headers the gateway sets itself, by (forwarded.x_forwarded, forwarded.forwarded): a trusted
+# proxy's own are replaced by them, its others kept.
+_REBUILT = {
+    (x_forwarded, forwarded): (X_FORWARDED_HEADERS if x_forwarded else frozenset())
+    | (frozenset({"forwarded"}) if forwarded else frozenset())
+    for x_forwarded in (False, True)
+    for forwarded in (False, True)
+}
 # host or [v6]:port, as the registry will put it into URLs: no paths, spaces, quotes or userinfo.
 # Peer addresses whose trust is remembered (proxy.headers.trusts); a few KiB.
 TRUST_CACHE_SIZE = 1024
@@ -188,9 +196,10 @@ def _connection_named(headers: CIMultiDictProxy[str]) -> set[str]:
     return {token.strip().lower() for value in headers.getall("Connection", ()) for token in value.split(",")}
 
 
-def _end_to_end(headers: CIMultiDictProxy[str]) -> Iterable[tuple[str, str]]:
-    dropped = HOP_BY_HOP | _connection_named(headers)
-    return ((name, value) for name, value in headers.items() if name.lower() not in dropped)
+def _not_passed_on(headers: CIMultiDictProxy[str], also: frozenset[str] = frozenset()) -> frozenset[str]:
+    """Lower-case names dropped from `headers`: hop-by-hop ones, those its Connection header names, `also`."""
+    dropped = HOP_BY_HOP | also if also else HOP_BY_HOP
+    return dropped | _connection_named(headers) if "Connection" in headers else dropped
 
 
 def _forwarded_node(address: str | None) -> str:
@@ -211,11 +220,8 @@ def upstream_request_headers(
     The forwarding headers tell the registry exactly the scheme and host the gateway itself believes (`view`):
     those of a trusted proxy are extended, anyone else's replaced."""
     trusted = view.trusted_peer
-    rebuilt = (X_FORWARDED_HEADERS if settings.x_forwarded else frozenset()) | (
-        {"forwarded"} if settings.forwarded else frozenset()
-    )
-    dropped = rebuilt if trusted else FORWARDING_HEADERS
-    headers = CIMultiDict((name, value) for name, value in _end_to_end(incoming) if name.lower() not in dropped)
+    dropped = _not_passed_on(incoming, _REBUILT[settings.x_forwarded, settings.forwarded] if trusted else FORWARDING_HEADERS)
+    headers = CIMultiDict([(name, value) for name, value in incoming.items() if name.lower() not in dropped])
     client_host = incoming.get("Host", "")
     if upstream_authority is not None:
         headers["Host"] = upstream_authority
@@ -245,13 +251,18 @@ def downstream_response_headers(
     upstream: CIMultiDictProxy[str], origins: Origins, body_length: int | None = None
 ) -> CIMultiDict[str]:
     """The upstream's response headers for the client; `body_length` when the gateway changed the body."""
-    headers: CIMultiDict[str] = CIMultiDict()
-    for name, value in _end_to_end(upstream):
-        if name.lower() == "link":
+    dropped = _not_passed_on(upstream)
+    passed: list[tuple[str, str]] = []
+    for name, value in upstream.items():
+        lowered = name.lower()
+        if lowered in dropped:
+            continue
+        if lowered == "link":
             value = origins.rewrite_link(value)
-        elif name.title() in REWRITTEN_URL_HEADERS:
+        elif lowered in REWRITTEN_URL_HEADERS:
             value = origins.rewrite(value)
-        headers.add(name, value)
+        passed.append((name, value))
+    headers = CIMultiDict(passed)
     if body_length is not None and "Content-Length" in headers:
         headers["Content-Length"] = str(body_length)
     return headers
