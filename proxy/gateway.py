@@ -39,6 +39,7 @@ from proxy.forwarding import (
 from proxy.headers import (
     ClientView,
     Origins,
+    TrustedProxies,
     client_view,
     downstream_response_headers,
     origin,
@@ -198,6 +199,7 @@ class Gateway:
         self.settings = settings
         self.inspections.capacity = settings.policy.inspect_max_uploads
         self.policy = policy_of(settings)
+        self.trusted_proxies = TrustedProxies(settings.forwarded.trusted_proxies)
         self.classifier = ForeignClassifier(settings.foreign.all_media_types, settings.foreign.urls_mark_foreign)
         self.budget.per_manifest = settings.foreign.max_learned_per_manifest
         self.budget.per_repository_hour = settings.foreign.max_learned_per_repository_hour
@@ -515,7 +517,7 @@ class Gateway:
         if view is None:
             view = request[CLIENT] = client_view(
                 request.headers, request.remote, "https" if request.secure else "http", self.upstream.authority,
-                self.settings.forwarded.trusted_proxies,
+                self.trusted_proxies,
             )  # fmt: skip
         return view
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -114,17 +113,27 @@ def _ip(address: str | None) -> IPv4Address | IPv6Address | None:
         return None
 
 
-def trusts(networks: Iterable[IPv4Network | IPv6Network], address: str | None) -> bool:
-    networks = tuple(networks)
-    return bool(networks) and address is not None and _trusted(networks, address)
+class TrustedProxies:
+    """The networks whose forwarding headers are believed, and which peers were found in them: parsing an
+    address and testing each network costs more than the rest of a request's header work, and a gateway sees
+    the same few peers (its load balancers, its clients) over and over. At most TRUST_CACHE_SIZE are kept."""
 
+    __slots__ = ("_known", "networks")
 
-@functools.lru_cache(maxsize=TRUST_CACHE_SIZE)
-def _trusted(networks: tuple[IPv4Network | IPv6Network, ...], address: str) -> bool:
-    """Parsing an address and testing each network costs more than the rest of a request's header work; a
-    gateway sees the same few peers (its load balancers, its clients) over and over."""
-    parsed = _ip(address)
-    return parsed is not None and any(parsed in network for network in networks)
+    def __init__(self, networks: Iterable[IPv4Network | IPv6Network]) -> None:
+        self.networks = tuple(networks)
+        self._known: dict[str, bool] = {}
+
+    def __contains__(self, address: str | None) -> bool:
+        if not self.networks or address is None:
+            return False
+        known = self._known.get(address)
+        if known is None:
+            if len(self._known) >= TRUST_CACHE_SIZE:
+                self._known.clear()
+            parsed = _ip(address)
+            known = self._known[address] = parsed is not None and any(parsed in network for network in self.networks)
+        return known
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,16 +155,16 @@ def client_view(
     peer: str | None,
     own_scheme: str,
     fallback_host: str,
-    trusted_proxies: Iterable[IPv4Network | IPv6Network],
+    trusted_proxies: TrustedProxies | Iterable[IPv4Network | IPv6Network],
 ) -> ClientView:
-    networks = tuple(trusted_proxies)
+    proxies = trusted_proxies if isinstance(trusted_proxies, TrustedProxies) else TrustedProxies(trusted_proxies)
     own_host = _plausible_host(headers.get("Host")) or fallback_host
-    if not trusts(networks, peer):
+    if peer not in proxies:
         return ClientView(own_scheme, own_host, peer, peer, trusted_peer=False)
     scheme, host = client_scheme_and_host(headers, own_scheme, own_host)
     # The client is the nearest address in the chain that is not one of the trusted proxies.
     chain = [hop.strip() for value in headers.getall("X-Forwarded-For", ()) for hop in value.split(",") if _ip(hop.strip())]
-    address = next((hop for hop in reversed(chain) if not trusts(networks, hop)), chain[0] if chain else peer)
+    address = next((hop for hop in reversed(chain) if hop not in proxies), chain[0] if chain else peer)
     return ClientView(scheme, host, address, peer, trusted_peer=True)
 
 

@@ -11,13 +11,14 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.config import ForwardedSettings, parse_networks
 from proxy.headers import (
+    TRUST_CACHE_SIZE,
     ClientView,
     Origins,
+    TrustedProxies,
     client_scheme_and_host,
     client_view,
     downstream_response_headers,
     origin,
-    trusts,
     upstream_request_headers,
 )
 
@@ -545,10 +546,19 @@ def test_forwarding_only_adds_its_own_headers(
 
 
 def test_trust_is_decided_per_network_list_however_often_asked() -> None:
-    for _ in range(2):  # the second time from the memo
-        assert trusts(parse_networks("10.0.0.0/8"), "10.1.2.3")
-        assert not trusts(parse_networks("192.168.0.0/16"), "10.1.2.3")
-        assert not trusts((), "10.1.2.3")
-        assert not trusts(parse_networks("10.0.0.0/8"), "10.1.2.300")
-        assert not trusts(parse_networks("10.0.0.0/8"), None)
-        assert trusts(parse_networks("::1/128"), "[::1]")
+    ten, private, nobody = (TrustedProxies(parse_networks(text)) for text in ("10.0.0.0/8", "192.168.0.0/16", ""))
+    for _ in range(2):  # the second time from what each remembers
+        assert "10.1.2.3" in ten
+        assert "10.1.2.3" not in private
+        assert "10.1.2.3" not in nobody
+        assert "10.1.2.300" not in ten
+        assert None not in ten
+        assert "[::1]" in TrustedProxies(parse_networks("::1/128"))
+
+
+def test_trusted_proxies_remember_a_bounded_number_of_peers() -> None:
+    proxies = TrustedProxies(parse_networks("10.0.0.0/8"))
+    peers = [f"10.0.{index // 256}.{index % 256}" for index in range(TRUST_CACHE_SIZE + 10)]
+    assert all(peer in proxies for peer in peers)
+    assert "11.0.0.1" not in proxies
+    assert len(proxies._known) <= TRUST_CACHE_SIZE

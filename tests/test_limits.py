@@ -21,7 +21,13 @@ from proxy.errors import (
     error_response,
 )
 from proxy.forwarding import StreamAborted
-from proxy.limits import DeadlineResponse, MemoryBudget, UpstreamSlots, at_least, raise_open_file_limit
+from proxy.limits import (
+    DeadlineResponse,
+    MemoryBudget,
+    UpstreamSlots,
+    at_least,
+    raise_open_file_limit,
+)
 from proxy.lru import Lru
 
 
@@ -157,8 +163,7 @@ async def test_a_short_answers_head_goes_out_with_its_body(small: bool, writes: 
 
     app = web.Application()
     app.router.add_get("/", handler)
-    async with TestServer(app) as server, aiohttp.ClientSession() as session:
-        async with session.get(server.make_url("/")) as answer:
-            assert await answer.read() == b"{}"
+    async with TestServer(app) as server, aiohttp.ClientSession() as session, session.get(server.make_url("/")) as answer:
+        assert await answer.read() == b"{}"
     assert len(sent) == writes
     assert sent[-1].endswith(b"\r\n\r\n{}" if small else b"{}")
