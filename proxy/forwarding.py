@@ -7,7 +7,7 @@ import os
 import ssl
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,10 @@ def translate(error: BaseException) -> GatewayError:
 class Upstream:
     origin: URL
     session: aiohttp.ClientSession
+    _origin_text: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_origin_text", str(self.origin))  # str(URL) is not cached: once, not per request
 
     @property
     def authority(self) -> str:
@@ -102,7 +106,7 @@ class Upstream:
 
     def url(self, raw_path_and_query: str) -> URL:
         """The upstream URL for a request target, byte-for-byte: yarl must not re-encode `_state` tokens."""
-        return URL(str(self.origin) + raw_path_and_query, encoded=True)
+        return URL(self._origin_text + raw_path_and_query, encoded=True)
 
     @asynccontextmanager
     async def open(
