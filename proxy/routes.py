@@ -5,6 +5,7 @@ from __future__ import annotations
 import posixpath
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 
 
 class RouteKind(StrEnum):
@@ -29,15 +30,16 @@ class Route:
     reference: bool
     trailing_slash: bool = False
 
-    def match(self, path: str) -> RouteMatch | None:
-        """This route's reading of a cleaned path that starts with `/v2/`, or None."""
+    def match(self, path: str, parent: str, last: str) -> RouteMatch | None:
+        """This route's reading of a cleaned path that starts with `/v2/` (`parent` and `last`: the path split
+        at its last slash), or None."""
         reference: str | None = None
         if self.reference:
-            head, _, reference = path.rpartition("/")
-            if not reference:
+            if not last:
                 return None
+            head, reference = parent, last
         else:
-            head = path[:-1] if self.trailing_slash and path.endswith("/") else path
+            head = parent if self.trailing_slash and not last else path
         if not head.endswith(self.marker):
             return None
         name = head[len(NAME_PREFIX) : len(head) - len(self.marker)]
@@ -62,8 +64,9 @@ ROUTES: tuple[Route, ...] = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class RouteMatch:
+class RouteMatch(NamedTuple):
+    """A named tuple rather than a frozen dataclass: made once per request, at a third of the cost."""
+
     kind: RouteKind
     repository: str | None = None
     reference: str | None = None
@@ -94,8 +97,9 @@ def match_route(path: str) -> RouteMatch:
     if cleaned == CATALOG_PATH:
         return CATALOG
     if cleaned.startswith(NAME_PREFIX):
+        parent, _, last = cleaned.rpartition("/")
         for route in ROUTES:
-            found = route.match(cleaned)
+            found = route.match(cleaned, parent, last)
             if found is not None:
                 return found
     return OTHER
