@@ -32,6 +32,7 @@ PREFIX = "foreign_layer_proxy"
 DISTRIBUTION = "foreign-layer-proxy"
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 UPLOAD_ROUTES = frozenset({RouteKind.UPLOAD_START, RouteKind.UPLOAD_SESSION})
+MANIFEST_ROUTE_LABELS = {"GET": "manifest_get", "HEAD": "manifest_get", "PUT": "manifest_put"}
 
 
 def route_label(method: str, kind: RouteKind | None) -> str:
@@ -41,7 +42,7 @@ def route_label(method: str, kind: RouteKind | None) -> str:
     if kind is RouteKind.BLOB:
         return "blob_get" if method in {"GET", "HEAD"} else "blob_other"
     if kind is RouteKind.MANIFEST:
-        return {"GET": "manifest_get", "HEAD": "manifest_get", "PUT": "manifest_put"}.get(method, "manifest_other")
+        return MANIFEST_ROUTE_LABELS.get(method, "manifest_other")
     return "other"
 
 
@@ -138,8 +139,10 @@ class Metrics:
         requests, duration_histogram = children
         requests.inc()
         duration_histogram.observe(duration)
-        self._bytes_up.inc(bytes_in)
-        self._bytes_down.inc(bytes_out)
+        if bytes_in:  # most requests have no body, HEADs no answer body: no lock taken to add 0
+            self._bytes_up.inc(bytes_in)
+        if bytes_out:
+            self._bytes_down.inc(bytes_out)
 
     def config_loaded(self, success: bool) -> None:
         self.reload_success.set(1 if success else 0)
