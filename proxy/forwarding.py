@@ -6,10 +6,11 @@ import asyncio
 import os
 import ssl
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, NoReturn
 
 import aiohttp
 from aiohttp import web
@@ -108,20 +109,46 @@ class Upstream:
         """The upstream URL for a request target, byte-for-byte: yarl must not re-encode `_state` tokens."""
         return URL(self._origin_text + raw_path_and_query, encoded=True)
 
-    @asynccontextmanager
-    async def open(
+    def open(
         self, method: str, raw_path_and_query: str, headers: Mapping[str, str] | CIMultiDict[str], body: Body = None
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
+    ) -> Exchange:
         """An upstream response whose body is still to be read; redirects are never followed."""
+        return Exchange(self.session.request(
+            method, self.url(raw_path_and_query), headers=headers, data=body, allow_redirects=False
+        ))  # fmt: skip
+
+
+class Exchange:
+    """`async with` an upstream response (`Upstream.open`): aiohttp's errors, while it is opened, read, or
+    released, become the gateway's. A class rather than a contextlib.asynccontextmanager generator, which
+    costs about 3 us more a request."""
+
+    __slots__ = ("_response",)
+
+    def __init__(self, response: AbstractAsyncContextManager[aiohttp.ClientResponse]) -> None:
+        self._response = response
+
+    async def __aenter__(self) -> aiohttp.ClientResponse:
         try:
-            async with self.session.request(
-                method, self.url(raw_path_and_query), headers=headers, data=body, allow_redirects=False
-            ) as response:
-                yield response
+            return await self._response.__aenter__()
         except (TimeoutError, aiohttp.ClientError) as error:
-            if isinstance(error.__cause__, StreamAborted):
-                raise error.__cause__ from None  # the client's body failed while aiohttp was sending it
-            raise translate(error) from error
+            raise_translated(error)
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        try:
+            await self._response.__aexit__(kind, error, traceback)
+        except (TimeoutError, aiohttp.ClientError) as failure:
+            raise_translated(failure)
+        if isinstance(error, TimeoutError | aiohttp.ClientError):
+            raise_translated(error)
+
+
+def raise_translated(error: TimeoutError | aiohttp.ClientError) -> NoReturn:
+    if isinstance(error.__cause__, StreamAborted):
+        raise error.__cause__ from None  # the client's body failed while aiohttp was sending it
+    raise translate(error) from error
 
 
 def request_body(request: web.BaseRequest) -> aiohttp.StreamReader | None:
