@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
+from typing import NamedTuple
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -45,9 +45,11 @@ TRUST_CACHE_SIZE = 1024
 _AUTHORITY = re.compile(r"(?:[A-Za-z0-9._~!$&'()*+=-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
 
-@dataclass(frozen=True, slots=True)
-class Origins:
-    """The upstream's origin and the gateway's origin as the client addressed it, e.g. "http://host:5000"."""
+class Origins(NamedTuple):
+    """The upstream's origin and the gateway's origin as the client addressed it, e.g. "http://host:5000".
+
+    This and ClientView are named tuples, not frozen dataclasses: one of each is made per request, and a
+    frozen dataclass costs three times as much to make."""
 
     upstream: str
     client: str
@@ -136,8 +138,7 @@ class TrustedProxies:
         return known
 
 
-@dataclass(frozen=True, slots=True)
-class ClientView:
+class ClientView(NamedTuple):
     """The client as the gateway believes it: the scheme and host it addressed, and its address.
 
     Forwarding headers are believed only from a trusted proxy; from anyone else the gateway's own view stands.
