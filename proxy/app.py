@@ -128,9 +128,10 @@ async def exchange(
 ) -> web.StreamResponse:
     """Per request: id, route, the forward-proxy guard, OCI error bodies, metrics and the one access log line."""
     started = time.perf_counter()
-    request[REQUEST_ID] = request.headers.get("X-Request-Id") or request.app[REQUEST_IDS].next()
+    app = request.app  # a property chain through the match info: looked up once
+    request[REQUEST_ID] = request.headers.get("X-Request-Id") or app[REQUEST_IDS].next()
     route = request[ROUTE] = match_route(request.path)
-    metrics, in_flight = request.app[METRICS], request.app[IN_FLIGHT]
+    metrics, in_flight = app[METRICS], app[IN_FLIGHT]
     route_kind = route_label(request.method, route.kind)
     uploads = metrics.uploads_in_flight if route_kind == "blob_upload" else None
     in_flight.enter()
@@ -138,7 +139,7 @@ async def exchange(
         uploads.inc()
     response: web.StreamResponse | None = None
     status = 0
-    connections = request.app[CONNECTIONS]
+    connections = app[CONNECTIONS]
     connections.enter(request.protocol)
     try:
         if request.method == "CONNECT" or not request.raw_path.startswith("/"):
@@ -154,7 +155,7 @@ async def exchange(
         response = error_response(error)
         # A refusal reads what is left of the body, so that the client reads the answer; a limit's answer (a
         # client holding or trickling a body among them) or upstream trouble goes out at once, closing.
-        if error.kind.status >= 429 or not await settle_body(request, request.app[SETTINGS].server.idle_timeout):
+        if error.kind.status >= 429 or not await settle_body(request, app[SETTINGS].server.idle_timeout):
             response.force_close()
     except StreamAborted as aborted:
         status = 499
@@ -304,7 +305,8 @@ async def upstream_context(app: web.Application) -> AsyncIterator[None]:
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
-    gateway, slots = request.app[GATEWAY], request.app[UPSTREAM_SLOTS]
+    app = request.app
+    gateway, slots = app[GATEWAY], app[UPSTREAM_SLOTS]
     if slots.unlimited:
         return await gateway.handle(request)
     async with slots.hold(gateway.client_view(request).address):

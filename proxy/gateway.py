@@ -96,6 +96,7 @@ UPLOADED_BYTES = web.RequestKey("uploaded_bytes", int)
 CLIENT = web.RequestKey("client", ClientView)
 
 MANIFEST_CONTENT_TYPES = IMAGE_MANIFEST_TYPES | INDEX_TYPES
+UPLOAD_KINDS = frozenset({RouteKind.UPLOAD_START, RouteKind.UPLOAD_SESSION})
 SEEN_MANIFESTS_CAPACITY = 8192
 # The most of a refused or dropped body read before answering: more than any layer seen in the field (Windows
 # base layers are 1 to 3 GiB); past it, the answer goes out and the connection is closed.
@@ -271,7 +272,7 @@ class Gateway:
         """Uploads are inspected, with `policy.inspect_content`, in repositories whose rule keeps foreign layers out."""
         return (
             self.settings.policy.inspect_content
-            and route.kind in {RouteKind.UPLOAD_START, RouteKind.UPLOAD_SESSION}
+            and route.kind in UPLOAD_KINDS
             and route.repository is not None
             and self.policy.rule_for(route.repository)[1].blocks
         )
