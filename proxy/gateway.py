@@ -766,9 +766,15 @@ class Gateway:
     async def respond(self, request: web.Request, upstream: ClientResponse, body: bytes | None) -> web.StreamResponse:
         """Send the upstream's answer on: `body` when the gateway already read it, else streamed."""
         length = upstream.content_length
+        if request.method == "HEAD":
+            body_size: int | None = 0
+        elif body is not None:
+            body_size = len(body)
+        else:
+            body_size = length if length is not None and length <= STREAM_BUFFER_BYTES else None
         response = DeadlineResponse(
             write_timeout=self.settings.server.write_timeout,
-            small=body is not None or (length is not None and length <= STREAM_BUFFER_BYTES),
+            body_size=body_size,
             status=upstream.status,
             reason=upstream.reason,
             headers=downstream_response_headers(

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, cast
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
 from proxy.errors import (
     RETRY_AFTER_SECONDS,
@@ -343,21 +344,46 @@ async def at_least(body: AsyncIterator[bytes], rate: int, window: float) -> Asyn
 class DeadlineResponse(web.StreamResponse):
     """A streamed answer the client must keep reading: a write that cannot go out within `write_timeout`
     seconds (the client stopped reading, or reads a few bytes now and then) cuts the client off, which
-    frees the upstream connection it was holding."""
+    frees the upstream connection it was holding.
 
-    def __init__(self, *, write_timeout: float, small: bool = False, **kwargs: Any) -> None:
-        """`small`: a body known to be short, whose head goes out with it in one write (aiohttp's own
-        Response does so) rather than in a write of its own as soon as the response is prepared."""
+    A write waits only while the transport's buffer is above its high-water mark. A short answer that fits
+    in what is left below the mark, as it is prepared, never waits: it goes out untimed (a timer per answer
+    costs 4 % of a small request's work)."""
+
+    def __init__(self, *, write_timeout: float, body_size: int | None = None, **kwargs: Any) -> None:
+        """`body_size`: the body bytes, when known to be few; the head then goes out with them in one write
+        (as aiohttp's own Response does) rather than in a write of its own as soon as it is prepared."""
         super().__init__(**kwargs)
         self.write_timeout = write_timeout
+        self.body_size = body_size
+        self.untimed = False
         self._deadline: WaitDeadline | None = None
-        if small:
+        if body_size is not None:
             self._send_headers_immediately = False
 
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        writer = await super().prepare(request)
+        self.untimed = self.body_size is not None and self._fits(request, self.body_size)
+        return writer
+
+    def _fits(self, request: web.BaseRequest, body_size: int) -> bool:
+        transport = request.transport
+        if transport is None or request.protocol.writing_paused:
+            return False
+        # The head as written is at most 4 bytes a character (UTF-8), with its line ends and status line.
+        head = sum(len(name) + len(value) + 4 for name, value in self.headers.items()) * 4 + 64
+        return transport.get_write_buffer_size() + head + body_size <= transport.get_write_buffer_limits()[1]
+
     async def write(self, data: bytes | bytearray | memoryview) -> None:
-        await self._timed(super().write(data))
+        if self.untimed:
+            await super().write(data)
+        else:
+            await self._timed(super().write(data))
 
     async def write_eof(self, data: bytes = b"") -> None:
+        if self.untimed:
+            await super().write_eof(data)
+            return
         try:
             await self._timed(super().write_eof(data))
         finally:

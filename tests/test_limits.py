@@ -4,6 +4,7 @@ rate, the open-file limit, and the 503 answers they give."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import resource
 from collections.abc import AsyncIterator
@@ -155,7 +156,7 @@ async def test_a_short_answers_head_goes_out_with_its_body(small: bool, writes: 
         assert transport is not None
         original = transport.write
         transport.write = lambda data: (sent.append(bytes(data)), original(data))[1]  # type: ignore[method-assign]
-        response = DeadlineResponse(write_timeout=5, small=small, headers={"Content-Length": "2"})
+        response = DeadlineResponse(write_timeout=5, body_size=2 if small else None, headers={"Content-Length": "2"})
         await response.prepare(request)
         await response.write(b"{}")
         await response.write_eof()
@@ -167,3 +168,52 @@ async def test_a_short_answers_head_goes_out_with_its_body(small: bool, writes: 
         assert await answer.read() == b"{}"
     assert len(sent) == writes
     assert sent[-1].endswith(b"\r\n\r\n{}" if small else b"{}")
+
+
+async def answer_with(prepare_paused: bool, body_size: int | None, body: bytes) -> tuple[bool, BaseException | None]:
+    """A DeadlineResponse's answer, the transport paused (a client that stopped reading) or not as it is
+    prepared: whether it went out untimed, and how its writes ended."""
+    outcome: list[tuple[bool, BaseException | None]] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = DeadlineResponse(write_timeout=0.3, body_size=body_size, headers={"Content-Length": str(len(body))})
+        if prepare_paused:
+            request.protocol.pause_writing()
+        await response.prepare(request)
+        try:
+            await response.write(body)
+            await response.write_eof()
+            outcome.append((response.untimed, None))
+        except StreamAborted as error:
+            outcome.append((response.untimed, error))
+            raise
+        return response
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    async with TestServer(app) as server:
+        # A client that sends its request and reads nothing until the gateway is done with it.
+        _, writer = await asyncio.open_connection(server.host, server.port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+        for _ in range(50):
+            if outcome:
+                break
+            await asyncio.sleep(0.1)
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    return outcome[0]
+
+
+async def test_a_short_answer_that_fits_the_buffer_goes_out_untimed() -> None:
+    assert await answer_with(prepare_paused=False, body_size=2, body=b"{}") == (True, None)
+
+
+@pytest.mark.parametrize("body_size", [2, None])
+async def test_an_answer_to_a_client_that_stopped_reading_is_timed_however_short_it_says_it_is(
+    body_size: int | None,
+) -> None:
+    # 256 KiB: aiohttp waits for the transport to drain past 64 KiB written (a write of 2 bytes never waits)
+    untimed, error = await answer_with(prepare_paused=True, body_size=body_size, body=b"x" * 256 * 1024)
+    assert not untimed
+    assert isinstance(error, StreamAborted)
