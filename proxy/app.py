@@ -307,9 +307,10 @@ async def upstream_context(app: web.Application) -> AsyncIterator[None]:
 async def dispatch(request: web.Request) -> web.StreamResponse:
     app = request.app
     gateway, slots = app[GATEWAY], app[UPSTREAM_SLOTS]
+    view = gateway.see_client(request)
     if slots.unlimited:
         return await gateway.handle(request)
-    async with slots.hold(gateway.client_view(request).address):
+    async with slots.hold(view.address):
         return await gateway.handle(request)
 
 

@@ -512,15 +512,18 @@ class Gateway:
 
     # Pass-through
 
-    def client_view(self, request: web.Request) -> ClientView:
-        """Who the client is and how it addressed the gateway, worked out once per request."""
-        view = request.get(CLIENT)
-        if view is None:
-            view = request[CLIENT] = client_view(
-                request.headers, request.remote, "https" if request.secure else "http", self.upstream.authority,
-                self.trusted_proxies,
-            )  # fmt: skip
+    def see_client(self, request: web.Request) -> ClientView:
+        """Who the client is and how it addressed the gateway: worked out once per request, before `handle`."""
+        view = request[CLIENT] = client_view(
+            request.headers, request.remote, "https" if request.secure else "http", self.upstream.authority,
+            self.trusted_proxies,
+        )  # fmt: skip
         return view
+
+    @staticmethod
+    def client_view(request: web.Request) -> ClientView:
+        # Not request.get(): a miss raises and catches a KeyError inside aiohttp's Request mapping.
+        return request[CLIENT]
 
     def origins(self, request: web.Request) -> Origins:
         view = self.client_view(request)
