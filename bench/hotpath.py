@@ -255,8 +255,10 @@ def instructions(name: str, command: list[str], env: dict[str, str], port: int, 
     folder = workdir / f"callgrind-{name}"
     folder.mkdir()
     out = folder / "callgrind.out"
+    # A fixed hash seed: set and dict layouts, and so the instructions, then differ less from run to run.
     process = ManagedProcess(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
-                              *command], log_path=folder / "server.log", env=env, cwd=folder)  # fmt: skip
+                              *command], log_path=folder / "server.log", env={**env, "PYTHONHASHSEED": "0"},
+                             cwd=folder)  # fmt: skip
     process.start()
     try:
         process.wait_for_port(HOST, port, timeout=300)

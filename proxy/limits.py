@@ -362,8 +362,10 @@ class DeadlineResponse(web.StreamResponse):
             self._send_headers_immediately = False
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        starting = not self.prepared  # aiohttp calls prepare() again once the handler returned the answer
         writer = await super().prepare(request)
-        self.untimed = self.body_size is not None and self._fits(request, self.body_size)
+        if starting:
+            self.untimed = self.body_size is not None and self._fits(request, self.body_size)
         return writer
 
     def _fits(self, request: web.BaseRequest, body_size: int) -> bool:
