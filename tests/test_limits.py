@@ -155,7 +155,12 @@ async def test_a_short_answers_head_goes_out_with_its_body(small: bool, writes: 
         transport = request.transport
         assert transport is not None
         original = transport.write
-        transport.write = lambda data: (sent.append(bytes(data)), original(data))[1]  # type: ignore[method-assign]
+
+        def write(data: bytes | bytearray | memoryview) -> None:
+            sent.append(bytes(data))
+            original(data)
+
+        transport.write = write  # type: ignore[method-assign]
         response = DeadlineResponse(write_timeout=5, body_size=2 if small else None, headers={"Content-Length": "2"})
         await response.prepare(request)
         await response.write(b"{}")
