@@ -42,16 +42,16 @@ def results_with(figure: str, samples: dict[str, list[float]], phase: str = "cap
     ("samples", "check", "target", "met"),
     [
         pytest.param({"gateway": [90, 100, 300], "nginx": [20, 21, 5]}, bench.at_most_nginx(5), "<= 5 x nginx tuned",
-                     True, id="medians-not-means: 100 us against 20 us is 5x"),  # fmt: skip
+                     True, id="medians-not-means: 100 us against 20 us is 5x"),
         pytest.param({"gateway": [101], "nginx": [20]}, bench.at_most_nginx(5), "<= 5 x nginx tuned", False,
-                     id="just-over-5x"),  # fmt: skip
+                     id="just-over-5x"),
         pytest.param({"gateway": [101]}, bench.at_most_nginx(5), "<= 5 x nginx tuned", None, id="no-nginx-no-verdict"),
         pytest.param({"gateway": [0.5], "nginx": [0.5]}, bench.at_most_nginx(1), "<= nginx tuned", True,
-                     id="cpu-per-gib-equal-to-nginx"),  # fmt: skip
+                     id="cpu-per-gib-equal-to-nginx"),
         pytest.param({"gateway": [1000], "gateway-workers": [1300]}, bench.scales_with_workers(1.3),
-                     ">= 1.3 x 1 worker", True, id="workers-scale"),  # fmt: skip
+                     ">= 1.3 x 1 worker", True, id="workers-scale"),
         pytest.param({"gateway": [1000], "gateway-workers": [1020]}, bench.scales_with_workers(1.3),
-                     ">= 1.3 x 1 worker", False, id="workers-do-not-scale"),  # fmt: skip
+                     ">= 1.3 x 1 worker", False, id="workers-do-not-scale"),
         pytest.param({"gateway": [99.9]}, bench.below(100, "MiB"), "< 100 MiB", True, id="under-the-memory-limit"),
         pytest.param({"gateway": [100]}, bench.below(100, "MiB"), "< 100 MiB", False, id="at-the-memory-limit"),
     ],
@@ -71,8 +71,10 @@ def test_each_phase_gets_a_table_with_the_columns_and_ratios_it_measured() -> No
     results.row("peak", "MiB", bench.below(100, "MiB"), "peak RSS")
     capacity, memory = bench.table(results.rows).split("\n\n**")
     assert capacity.splitlines()[2:] == [
-        "| figure | unit | nginx tuned | gateway | gateway x%d workers | gateway/nginx | gateway-workers/nginx "
-        "| gateway-workers/gateway | target | met |" % bench.CORES,
+        (
+            f"| figure | unit | nginx tuned | gateway | gateway x{bench.CORES} workers | gateway/nginx "
+            "| gateway-workers/nginx | gateway-workers/gateway | target | met |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|",
         "| own CPU | us | 20.0 | 100.0 | 110.0 | 5.00 | 5.50 | 1.10 | <= 5 x nginx tuned | yes |",
     ]
@@ -96,11 +98,15 @@ def test_the_readme_table_shows_ratios_to_nginx_in_the_order_of_its_keys() -> No
     document = {"rows": [row.as_dict() for row in results.rows]}
     lines = bench.performance_table(document)
     assert lines[2:5] == [
-        f"| manifest GET: requests/s | 3,000 req/s | 30,000 req/s | 0.10 | >= 1.3 x 1 worker (x{bench.CORES} workers: "
-        "1.50 x 1 worker) | yes |",
+        (
+            f"| manifest GET: requests/s | 3,000 req/s | 30,000 req/s | 0.10 | >= 1.3 x 1 worker (x{bench.CORES} "
+            "workers: 1.50 x 1 worker) | yes |"
+        ),
         "| CPU per GiB, download | 0.40 s/GiB | 0.50 s/GiB | 0.80 | <= nginx tuned | yes |",
-        "| requests/s with 1M known digests while digests are learned | 950 req/s | - | - | >= 0.95 x empty store "
-        "(empty store: 1,000 req/s) | yes |",
+        (
+            "| requests/s with 1M known digests while digests are learned | 950 req/s | - | - "
+            "| >= 0.95 x empty store (empty store: 1,000 req/s) | yes |"
+        ),
     ]
     assert len(lines) == 5  # figures not measured are left out
 
