@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -891,6 +892,8 @@ def run_description(document: dict[str, Any], where: str) -> list[str]:
         + ": log level and access log as shipped (info, on) unless the column says otherwise",
         f"- registry storage and test files on {document['storage']}",
     ]
+    if failed := document["extra"].get("failed_phases"):
+        lines.append(f"- **failed**: phases {', '.join(failed)} (see `extra.failed_phases` in the JSON)")
     if disturbed:
         shares = ", ".join(f"{phase} {100 * share:.0f}%" for phase, share in disturbed.items())
         lines.append(f"- **disturbed**: other processes took part of the machine during phases: {shares}")
@@ -990,8 +993,12 @@ def run(plan: Plan, output: Path, profile: Path | None, phases: set[str], readme
             results.phase = phase
             load = ForeignLoad(services)
             load.start()
-            with profiled(profile if gateway_pid else None, phase, gateway_pid or 0, results):
-                step()
+            try:
+                with profiled(profile if gateway_pid else None, phase, gateway_pid or 0, results):
+                    step()
+            except (OSError, RuntimeError, subprocess.SubprocessError):  # a broken phase must not cost the others
+                note(f"  FAILED: phase {phase}:\n{traceback.format_exc()}")
+                results.extra.setdefault("failed_phases", {})[phase] = traceback.format_exc(limit=-3)
             busy = results.extra.setdefault("other_processes", {})[phase] = load.stop()
             if busy["others_share_of_machine"] > 0.05:
                 note(f"  WARNING: other processes took {100 * busy['others_share_of_machine']:.0f}% of the machine "
@@ -1023,6 +1030,9 @@ def run(plan: Plan, output: Path, profile: Path | None, phases: set[str], readme
     }
     write_json(output, document)
     print(f"results written to {output}")
+    if results.extra.get("failed_phases"):
+        print(f"FAILED phases: {', '.join(results.extra['failed_phases'])}")
+        return 1
     if readmes:
         write_readmes(document)
     return 0
