@@ -942,10 +942,10 @@ def performance_table(document: dict[str, Any]) -> list[str]:
         gateway = f"{formatted(row['values'].get('gateway'), unit)} {unit}"
         nginx = row["values"].get("nginx")
         target = row["target"]
-        if row.get(workers) is not None:
+        if "worker" in target and row.get(workers) is not None:
             target = f"{target} (x{CORES} workers: {row[workers]:.2f} x 1 worker)"
         elif row["values"].get("empty store") is not None:
-            target = f"{target} (empty store: {formatted(row['values']['empty store'], unit)} {unit})".replace(" ()", "")
+            target = f"{target} (empty store: {formatted(row['values']['empty store'], unit)} {unit})".strip()
         met = "" if row["met"] is None else ("yes" if row["met"] else "**NO**")
         nginx_cell = "-" if nginx is None else f"{formatted(nginx, unit)} {unit}"
         lines.append(f"| {row['figure']} | {gateway} | {nginx_cell} | {ratio(row.get('gateway_to_nginx'))} | {target} | {met} |")
