@@ -96,6 +96,7 @@ class Plan:
     connections: tuple[int, ...]
     wrk_seconds: int
     rss_requests: int
+    rss_seconds: int
     capacity_rounds: int
     capacity_seconds: int
     capacity_connections: int
@@ -117,6 +118,7 @@ FULL = Plan(
     connections=(16, 64),
     wrk_seconds=3,
     rss_requests=100_000,
+    rss_seconds=120,
     capacity_rounds=3,
     capacity_seconds=3,
     capacity_connections=64,
@@ -137,6 +139,7 @@ QUICK = Plan(
     connections=(16,),
     wrk_seconds=1,
     rss_requests=5_000,
+    rss_seconds=10,
     capacity_rounds=1,
     capacity_seconds=1,
     capacity_connections=64,
@@ -499,14 +502,16 @@ def concurrent_uploads(plan: Plan, targets: dict[str, Target], blob: Blob, resul
 
 
 def rss_growth(plan: Plan, gateway: GatewayProcess, wrk: Wrk, cases: list[SmallCase], results: Results) -> None:
-    """Gateway RSS over `plan.rss_requests` small requests (all three kinds, interleaved), after a warm-up."""
+    """Gateway RSS over `plan.rss_requests` small requests (all three kinds, interleaved), after a warm-up; at
+    most `plan.rss_seconds` of them on a machine too busy to serve them all in time."""
     mixed = wrk.request_list(interleave(cases))
     pid = gateway.process.pid
     warm = wrk.run(gateway.host_port, mixed, 16, max(2, plan.wrk_seconds), WRK_HEADERS)
     start = rss_mib(pid)
     done = 0
     trace: list[tuple[int, float]] = [(0, start)]
-    while done < plan.rss_requests:
+    deadline = time.monotonic() + plan.rss_seconds
+    while done < plan.rss_requests and time.monotonic() < deadline:
         remaining = plan.rss_requests - done
         seconds = min(30, max(1, math.ceil(min(remaining, plan.rss_requests / 4) / warm.rps)))
         result = wrk.run(gateway.host_port, mixed, 16, seconds, WRK_HEADERS)
