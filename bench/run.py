@@ -1,7 +1,8 @@
-"""Benchmark: the gateway against the registry itself and against nginx, on loopback, in one run.
+"""Benchmark: the gateway against the registry itself, nginx (stock and tuned) and haproxy, on loopback, in one run.
 
-    .venv/bin/python bench/run.py            # full run (about 8 minutes on 2 cores), writes bench/results/latest.json
-    .venv/bin/python bench/run.py --quick    # smoke run (well under a minute), writes bench/results/quick.json
+    .venv/bin/python bench/run.py            # full run (about 13 minutes on 2 idle cores), writes bench/results/latest.json
+    .venv/bin/python bench/run.py --quick    # smoke run (about 2 minutes), writes bench/results/quick.json
+    .venv/bin/python bench/run.py --phases capacity,known   # some phases only
 
 See bench/README.md for what each figure is and the latest results.
 """
