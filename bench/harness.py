@@ -641,6 +641,14 @@ class Nginx:
     def worker_pids(self) -> tuple[int, ...]:
         return tuple(children_of(self.process.pid))
 
+    @property
+    def worker_pid(self) -> int:
+        """The worker of a one-worker nginx."""
+        workers = self.worker_pids
+        if len(workers) != 1:
+            raise BenchError(f"expected one nginx worker, found {workers}")
+        return workers[0]
+
     def stop(self) -> None:
         self.process.stop()
 
@@ -777,9 +785,20 @@ STATIC_SITE = f"""\
         location / {{
             add_header Docker-Distribution-Api-Version registry/2.0 always;
             default_type application/json;
-            return 404 '{{"errors":[{{"code":"NAME_UNKNOWN","message":"repository name not known to registry"}}]}}';
+            return 200 '{{}}';
         }}
     }}"""
+
+
+def static_upstream(workdir: Path) -> tuple[Nginx, str]:
+    """nginx answering like a registry itself (STATIC_SITE), and its URL."""
+    static = Nginx(workdir, site=STATIC_SITE).start()
+    return static, f"http://{static.host_port}"
+
+
+def gateway_cpu(pid: int) -> float:
+    """CPU seconds of a gateway: the process and, with workers, every worker."""
+    return sum(cpu_seconds(process) for process in process_tree(pid))
 
 
 @dataclass
@@ -790,6 +809,8 @@ class Services:
     workdir: Path
     storage: str
     registry: Registry | None = None
+    # Tuned nginx in front of the registry (`with_nginx`), or one a script put here; stopped with the rest.
+    nginx: Nginx | None = None
     started: list[Running] = field(default_factory=list)
     _static: str | None = None
     # The command line and event loop of the first gateway started, for the record.
@@ -797,17 +818,21 @@ class Services:
 
     @classmethod
     @contextlib.contextmanager
-    def running(cls, needed_bytes: int, with_registry: bool = True) -> Iterator[Services]:
+    def running(cls, needed_bytes: int, with_nginx: bool = False, with_registry: bool = True) -> Iterator[Services]:
         workdir, storage = scratch_dir(needed_bytes)
         services = cls(workdir, storage)
         try:
             if with_registry:
                 services.registry = start_registry(workdir / "registry")
                 services.started.append(services.registry)
+                if with_nginx:
+                    services.nginx = Nginx(workdir / "nginx", services.registry.host_port).start()
             yield services
         finally:
             for running in reversed(services.started):
                 running.stop()
+            if services.nginx is not None:
+                services.nginx.stop()
             shutil.rmtree(workdir, ignore_errors=True)
 
     @property
@@ -818,9 +843,8 @@ class Services:
     def static_upstream(self) -> str:
         """The static upstream's URL (started on first use): one nginx worker, no proxying."""
         if self._static is None:
-            static = Nginx(self.workdir / "static", site=STATIC_SITE).start()
+            static, self._static = static_upstream(self.workdir / "static")
             self.started.append(static)
-            self._static = f"http://{static.host_port}"
         return self._static
 
     def stop(self, running: Running) -> None:
