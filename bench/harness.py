@@ -181,17 +181,25 @@ class Response:
 
 
 class HttpConnection:
-    """One keep-alive connection. Efficient enough that the client is never the bottleneck:
-    request bodies go from a (tmpfs) file to the socket by sendfile, response bodies that are
-    not needed are received into one reused buffer and only counted."""
+    """One keep-alive connection (a new one after an answer with `Connection: close`, as clients do).
+    Efficient enough that the client is never the bottleneck: request bodies go from a (tmpfs) file to
+    the socket by sendfile, response bodies that are not needed are received into one reused buffer
+    and only counted."""
 
     def __init__(self, host_port: str, timeout: float = 600.0):
-        host, _, port = host_port.rpartition(":")
         self.host_port = host_port
-        self.sock = socket.create_connection((host, int(port)), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.timeout = timeout
+        self.sock = self._connect()
+        self.reconnects = 0
+        self._closing = False
         self._pending = bytearray()
         self._scratch = bytearray(RECV_BYTES)
+
+    def _connect(self) -> socket.socket:
+        host, _, port = self.host_port.rpartition(":")
+        sock = socket.create_connection((host, int(port)), timeout=self.timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
 
     def close(self) -> None:
         self.sock.close()
@@ -212,6 +220,10 @@ class HttpConnection:
         keep_body: bool = True,
     ) -> Response:
         """`body_file` is (file, offset, count), sent with sendfile; `keep_body=False` only counts the answer's body."""
+        if self._closing:
+            self.sock.close()
+            self.sock, self._closing, self._pending = self._connect(), False, bytearray()
+            self.reconnects += 1
         length = body_file[2] if body_file is not None else len(body)
         lines = [f"{method} {target} HTTP/1.1", f"Host: {self.host_port}"]
         lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
@@ -275,6 +287,7 @@ class HttpConnection:
                 headers[key] = f"{headers[key]}, {value.strip()}" if key in headers else value.strip()
             if status != 100:
                 break
+        self._closing = "close" in headers.get("connection", "").lower()
         if method == "HEAD" or status in {204, 304}:
             return Response(status, headers, b"", 0)
         if "chunked" in headers.get("transfer-encoding", "").lower():

@@ -374,6 +374,9 @@ def large_blobs(plan: Plan, targets: dict[str, Target], blob: Blob, results: Res
                     run(connection)
                     elapsed = time.perf_counter() - started
                     cpu = meter.stop()
+                # Answers with `Connection: close` (the client then opens a new connection) are worth knowing.
+                reconnects = results.extra.setdefault("client_reconnects", {}).setdefault(name, {})
+                reconnects[operation] = reconnects.get(operation, 0) + connection.reconnects
                 results.add(f"{operation} wall", name, elapsed)
                 if target.pids:
                     results.add(f"{operation} cpu", name, cpu / (blob.size / GIB))
