@@ -706,10 +706,14 @@ def start_gateway(
     gateway = GatewayProcess(workdir, upstream, args=args, store=store, config=config)
     started = time.perf_counter()
     gateway.process.start()
-    # It listens once its known set is loaded: a million digests take seconds, more on a busy machine.
-    gateway.process.wait_for_port(HOST, gateway.port, timeout=120)
-    if int((config or {}).get("server", {}).get("workers", 1)) > 1:
-        gateway.process.wait_until(lambda: ready(gateway.admin_port), timeout=30, what="every worker running")
+    try:
+        # It listens once its known set is loaded: a million digests take seconds, more on a busy machine.
+        gateway.process.wait_for_port(HOST, gateway.port, timeout=120)
+        if int((config or {}).get("server", {}).get("workers", 1)) > 1:
+            gateway.process.wait_until(lambda: ready(gateway.admin_port), timeout=30, what="every worker running")
+    except (RuntimeError, TimeoutError):
+        gateway.stop()  # not left behind when it never came up
+        raise
     return gateway, time.perf_counter() - started
 
 
