@@ -25,13 +25,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Self
+from typing import IO, Any, Protocol, Self
 from urllib.parse import urlsplit
 
 import yaml
 from support.gateway import GatewayProcess
 from support.processes import ManagedProcess, free_port
 from support.registry import Registry
+from support.services import ConfiguredHaproxy
 
 HOST = "127.0.0.1"
 MIB = 1024 * 1024
@@ -41,7 +42,6 @@ RECV_BYTES = 1 * MIB
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
-GATEWAY_ARGS = ("--log-level", "warning")
 
 
 class BenchError(RuntimeError):
@@ -153,6 +153,7 @@ def machine() -> dict[str, Any]:
         "aiohttp": aiohttp.__version__,
         "registry": command_version(["docker-registry", "--version"]),
         "nginx": command_version(["nginx", "-v"]),
+        "haproxy": command_version(["haproxy", "-v"]).split(" - ")[0],
         "wrk": command_version(["wrk", "-v"]).split(" Copyright")[0],
     }
 
@@ -180,17 +181,25 @@ class Response:
 
 
 class HttpConnection:
-    """One keep-alive connection. Efficient enough that the client is never the bottleneck:
-    request bodies go from a (tmpfs) file to the socket by sendfile, response bodies that are
-    not needed are received into one reused buffer and only counted."""
+    """One keep-alive connection (a new one after an answer with `Connection: close`, as clients do).
+    Efficient enough that the client is never the bottleneck: request bodies go from a (tmpfs) file to
+    the socket by sendfile, response bodies that are not needed are received into one reused buffer
+    and only counted."""
 
     def __init__(self, host_port: str, timeout: float = 600.0):
-        host, _, port = host_port.rpartition(":")
         self.host_port = host_port
-        self.sock = socket.create_connection((host, int(port)), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.timeout = timeout
+        self.sock = self._connect()
+        self.reconnects = 0
+        self._closing = False
         self._pending = bytearray()
         self._scratch = bytearray(RECV_BYTES)
+
+    def _connect(self) -> socket.socket:
+        host, _, port = self.host_port.rpartition(":")
+        sock = socket.create_connection((host, int(port)), timeout=self.timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
 
     def close(self) -> None:
         self.sock.close()
@@ -211,6 +220,10 @@ class HttpConnection:
         keep_body: bool = True,
     ) -> Response:
         """`body_file` is (file, offset, count), sent with sendfile; `keep_body=False` only counts the answer's body."""
+        if self._closing:
+            self.sock.close()
+            self.sock, self._closing, self._pending = self._connect(), False, bytearray()
+            self.reconnects += 1
         length = body_file[2] if body_file is not None else len(body)
         lines = [f"{method} {target} HTTP/1.1", f"Host: {self.host_port}"]
         lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
@@ -274,6 +287,7 @@ class HttpConnection:
                 headers[key] = f"{headers[key]}, {value.strip()}" if key in headers else value.strip()
             if status != 100:
                 break
+        self._closing = "close" in headers.get("connection", "").lower()
         if method == "HEAD" or status in {204, 304}:
             return Response(status, headers, b"", 0)
         if "chunked" in headers.get("transfer-encoding", "").lower():
@@ -557,7 +571,7 @@ def start_registry(workdir: Path) -> Registry:
 
 
 NGINX_CONFIG = """\
-{user}worker_processes 1;
+{user}worker_processes {workers};
 daemon off;
 master_process on;
 pid {workdir}/nginx.pid;
@@ -572,42 +586,56 @@ http {{
     fastcgi_temp_path {workdir}/fastcgi_temp;
     uwsgi_temp_path {workdir}/uwsgi_temp;
     scgi_temp_path {workdir}/scgi_temp;
+{http}
+}}
+"""
+
+PROXY_SITE = """\
     upstream registry {{
         server {upstream};
-        keepalive 64;
-    }}
+{keepalive}    }}
     server {{
         listen {listen};
         client_max_body_size 0;
         location / {{
             proxy_pass http://registry;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
             proxy_set_header Host $http_host;
             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
             proxy_set_header X-Forwarded-Proto $scheme;
-            proxy_request_buffering off;
-            proxy_buffering off;
             proxy_read_timeout 600s;
             proxy_send_timeout 600s;
-        }}
-    }}
-}}
+{tuning}        }}
+    }}"""
+
+# The gateway's own choices: 128 KiB reads either way, nothing buffered, HTTP/1.1 keep-alive upstream.
+TUNED = """\
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_request_buffering off;
+            proxy_buffering off;
+            client_body_buffer_size 128k;
+            proxy_buffer_size 128k;
+            proxy_buffers 4 128k;
 """
 
 
 class Nginx:
-    """nginx as the reference proxy: one worker, no buffering either way, keep-alive upstream."""
+    """nginx as a reference proxy, `tuned` (the gateway's buffer sizes and choices, see TUNED) or with its
+    stock settings (request and response buffering on, 4/8 KiB buffers, HTTP/1.0 without keep-alive
+    upstream); `site` replaces the proxy server block (the static upstream)."""
 
-    def __init__(self, workdir: Path, upstream: str):
+    def __init__(self, workdir: Path, upstream: str = "", *, tuned: bool = True, workers: int = 1, site: str = ""):
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self.port = free_port()
         self.config_path = workdir / "nginx.conf"
         user = "user root;\n" if os.geteuid() == 0 else ""
-        self.config_path.write_text(
-            NGINX_CONFIG.format(user=user, workdir=workdir, upstream=upstream, listen=f"{HOST}:{self.port}")
-        )
+        listen = f"{HOST}:{self.port}"
+        http = site.replace("{listen}", listen) if site else PROXY_SITE.format(
+            upstream=upstream, listen=listen, keepalive="        keepalive 64;\n" if tuned else "",
+            tuning=TUNED if tuned else "",
+        )  # fmt: skip
+        self.config_path.write_text(NGINX_CONFIG.format(user=user, workers=workers, workdir=workdir, http=http))
         self.process = ManagedProcess(
             ["nginx", "-c", self.config_path, "-p", workdir, "-e", workdir / "nginx-error.log"],
             log_path=workdir / "nginx.log",
@@ -623,8 +651,13 @@ class Nginx:
         return self
 
     @property
+    def worker_pids(self) -> tuple[int, ...]:
+        return tuple(children_of(self.process.pid))
+
+    @property
     def worker_pid(self) -> int:
-        workers = children_of(self.process.pid)
+        """The worker of a one-worker nginx."""
+        workers = self.worker_pids
         if len(workers) != 1:
             raise BenchError(f"expected one nginx worker, found {workers}")
         return workers[0]
@@ -633,16 +666,78 @@ class Nginx:
         self.process.stop()
 
 
-def start_gateway(
-    workdir: Path, upstream: str, store: str = "memory://", config: Mapping[str, Any] | None = None
-) -> tuple[GatewayProcess, float]:
-    """The gateway as users run it (`python -m proxy serve`), without per-request logging; also
-    returns how long it took until it accepted connections."""
+HAPROXY_CONFIG = """\
+global
+    maxconn 8192
+
+defaults
+    mode http
+    option forwardfor
+    timeout connect 5s
+    timeout client 600s
+    timeout server 600s
+
+frontend bench
+    bind {listen}
+    default_backend registry
+
+backend registry
+    server registry {upstream}
+"""
+
+
+def start_haproxy(workdir: Path, upstream: str) -> ConfiguredHaproxy:
+    """haproxy in http mode with its defaults: keep-alive both ways, connections to the upstream reused."""
     workdir.mkdir(parents=True, exist_ok=True)
-    gateway = GatewayProcess(workdir, upstream, args=GATEWAY_ARGS, store=store, config=config)
+    port = free_port()
+    return ConfiguredHaproxy(workdir, HAPROXY_CONFIG.format(listen=f"{HOST}:{port}", upstream=upstream), port).start()
+
+
+def start_gateway(
+    workdir: Path,
+    upstream: str,
+    store: str = "memory://",
+    config: Mapping[str, Any] | None = None,
+    args: Sequence[str] = (),
+) -> tuple[GatewayProcess, float]:
+    """The gateway as users run it (`python -m proxy serve`, log settings as shipped unless `args` say
+    otherwise); also returns how long it took until every worker accepted connections."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    gateway = GatewayProcess(workdir, upstream, args=args, store=store, config=config)
     started = time.perf_counter()
-    gateway.start()
+    gateway.process.start()
+    try:
+        # It listens once its known set is loaded: a million digests take seconds, more on a busy machine.
+        gateway.process.wait_for_port(HOST, gateway.port, timeout=120)
+        if int((config or {}).get("server", {}).get("workers", 1)) > 1:
+            gateway.process.wait_until(lambda: ready(gateway.admin_port), timeout=30, what="every worker running")
+    except (RuntimeError, TimeoutError):
+        gateway.stop()  # not left behind when it never came up
+        raise
     return gateway, time.perf_counter() - started
+
+
+def ready(admin_port: int) -> bool:
+    """/readyz answers 200: with workers, the supervisor says so once every worker runs."""
+    try:
+        with HttpConnection(f"{HOST}:{admin_port}", timeout=5) as connection:
+            return connection.request("GET", "/readyz").status == 200
+    except (OSError, BenchError):
+        return False
+
+
+def event_loop_of(pid: int) -> str:
+    """uvloop when the gateway process has it loaded (the `speed` extra), else asyncio's own loop."""
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return "unknown"
+    return "uvloop" if "/uvloop/" in maps else "asyncio"
+
+
+def process_tree(pid: int) -> tuple[int, ...]:
+    """A process and its children: nginx's master and workers, the gateway's supervisor and workers."""
+    return (pid, *children_of(pid))
 
 
 @dataclass
@@ -655,59 +750,156 @@ class Target:
         return CpuMeter(self.pids)
 
 
+class Running(Protocol):
+    process: ManagedProcess
+
+    def stop(self) -> object: ...
+
+
+# The static upstream: nginx answering like a registry itself, so that a proxy in front shows its own cost.
+EMPTY_BLOB = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+STATIC_MANIFEST = json.dumps(
+    {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": "sha256:" + "1" * 64, "size": 1469},
+        "layers": [
+            {"mediaType": OCI_LAYER, "digest": "sha256:" + f"{n}" * 64, "size": 3_000_000 * n} for n in range(2, 5)
+        ],
+    },
+    indent=3,
+)
+STATIC_MANIFEST_DIGEST = "sha256:" + hashlib.sha256(STATIC_MANIFEST.encode()).hexdigest()
+STATIC_SITE = f"""\
+    server {{
+        listen {{listen}};
+        location = /v2/ {{
+            add_header Docker-Distribution-Api-Version registry/2.0 always;
+            default_type application/json;
+            return 200 '{{}}';
+        }}
+        location ~ ^/v2/.+/manifests/ {{
+            add_header Docker-Distribution-Api-Version registry/2.0 always;
+            default_type {OCI_MANIFEST};
+            add_header Docker-Content-Digest {STATIC_MANIFEST_DIGEST};
+            add_header Etag '"{STATIC_MANIFEST_DIGEST}"';
+            return 200 '{STATIC_MANIFEST}';
+        }}
+        location ~ ^/v2/.+/blobs/{EMPTY_BLOB}$ {{
+            add_header Docker-Distribution-Api-Version registry/2.0 always;
+            default_type application/octet-stream;
+            add_header Docker-Content-Digest {EMPTY_BLOB};
+            add_header Accept-Ranges bytes;
+            add_header Cache-Control "max-age=31536000";
+            add_header Etag '"{EMPTY_BLOB}"';
+            return 200 '';
+        }}
+        location ~ ^/v2/.+/blobs/ {{
+            add_header Docker-Distribution-Api-Version registry/2.0 always;
+            default_type application/json;
+            return 404 '{{"errors":[{{"code":"BLOB_UNKNOWN","message":"blob unknown to registry"}}]}}';
+        }}
+        location / {{
+            add_header Docker-Distribution-Api-Version registry/2.0 always;
+            default_type application/json;
+            return 200 '{{}}';
+        }}
+    }}"""
+
+
+def static_upstream(workdir: Path) -> tuple[Nginx, str]:
+    """nginx answering like a registry itself (STATIC_SITE), and its URL."""
+    static = Nginx(workdir, site=STATIC_SITE).start()
+    return static, f"http://{static.host_port}"
+
+
+def gateway_cpu(pid: int) -> float:
+    """CPU seconds of a gateway: the process and, with workers, every worker."""
+    return sum(cpu_seconds(process) for process in process_tree(pid))
+
+
 @dataclass
 class Services:
-    """The registry, nginx and the gateway in front of it; stopped (and their files removed) on exit."""
+    """The registry and the proxies in front of it (or of the static upstream); stopped (and their
+    files removed) on exit."""
 
     workdir: Path
     storage: str
     registry: Registry | None = None
+    # Tuned nginx in front of the registry (`with_nginx`), or one a script put here; stopped with the rest.
     nginx: Nginx | None = None
-    gateways: list[GatewayProcess] = field(default_factory=list)
+    started: list[Running] = field(default_factory=list)
+    _static: str | None = None
+    # The command line and event loop of the first gateway started, for the record.
+    first_gateway: tuple[str, str] = ("(no gateway started)", "unknown")
 
     @classmethod
     @contextlib.contextmanager
-    def running(cls, needed_bytes: int, with_nginx: bool = True) -> Iterator[Services]:
+    def running(cls, needed_bytes: int, with_nginx: bool = False, with_registry: bool = True) -> Iterator[Services]:
         workdir, storage = scratch_dir(needed_bytes)
         services = cls(workdir, storage)
         try:
-            services.registry = start_registry(workdir / "registry")
-            if with_nginx:
-                services.nginx = Nginx(workdir / "nginx", services.registry.host_port).start()
+            if with_registry:
+                services.registry = start_registry(workdir / "registry")
+                services.started.append(services.registry)
+                if with_nginx:
+                    services.nginx = Nginx(workdir / "nginx", services.registry.host_port).start()
             yield services
         finally:
-            for gateway in services.gateways:
-                gateway.stop()
+            for running in reversed(services.started):
+                running.stop()
             if services.nginx is not None:
                 services.nginx.stop()
-            if services.registry is not None:
-                services.registry.stop()
             shutil.rmtree(workdir, ignore_errors=True)
 
-    def gateway(
-        self, name: str, store: str = "memory://", config: Mapping[str, Any] | None = None
-    ) -> tuple[GatewayProcess, float]:
+    @property
+    def registry_url(self) -> str:
         assert self.registry is not None
-        gateway, startup = start_gateway(self.workdir / name, self.registry.url, store, config)
-        self.gateways.append(gateway)
+        return self.registry.url
+
+    def static_upstream(self) -> str:
+        """The static upstream's URL (started on first use): one nginx worker, no proxying."""
+        if self._static is None:
+            static, self._static = static_upstream(self.workdir / "static")
+            self.started.append(static)
+        return self._static
+
+    def stop(self, running: Running) -> None:
+        running.stop()
+        self.started.remove(running)
+
+    def gateway(
+        self,
+        name: str,
+        store: str = "memory://",
+        config: Mapping[str, Any] | None = None,
+        *,
+        upstream: str | None = None,
+        args: Sequence[str] = (),
+    ) -> tuple[GatewayProcess, float]:
+        gateway, startup = start_gateway(self.workdir / name, upstream or self.registry_url, store, config, args)
+        self.started.append(gateway)
+        if not any(isinstance(running, GatewayProcess) for running in self.started[:-1]) and self.first_gateway[1] == "unknown":
+            self.first_gateway = (" ".join(["python", *gateway.process.args[1:]]), event_loop_of(gateway.process.pid))
         return gateway, startup
 
-    def pids(self) -> list[int]:
-        """The benchmark's own long-running processes (registry, nginx master and worker, gateways)."""
-        pids = [gateway.process.pid for gateway in self.gateways if gateway.process.running]
-        if self.registry is not None and self.registry.process.running:
-            pids.append(self.registry.process.pid)
-        if self.nginx is not None and self.nginx.process.running:
-            pids += [self.nginx.process.pid, *children_of(self.nginx.process.pid)]
-        return pids
+    def gateway_target(self, name: str, gateway: GatewayProcess) -> Target:
+        return Target(name, gateway.host_port, process_tree(gateway.process.pid))
 
-    def targets(self, gateway: GatewayProcess) -> dict[str, Target]:
-        assert self.registry is not None and self.nginx is not None
-        return {
-            "direct": Target("direct", self.registry.host_port),
-            "nginx": Target("nginx", self.nginx.host_port, (self.nginx.worker_pid,)),
-            "gateway": Target("gateway", gateway.host_port, (gateway.process.pid,)),
-        }
+    def peer(self, name: str, upstream: str | None = None, workers: int = 1) -> Target:
+        """A reference proxy in front of the registry (or `upstream`): nginx-default, nginx (tuned) or haproxy."""
+        upstream_host_port = urlsplit(upstream or self.registry_url).netloc
+        if name == "haproxy":
+            haproxy = start_haproxy(self.workdir / f"{name}-{free_port()}", upstream_host_port)
+            self.started.append(haproxy)
+            return Target(name, haproxy.host_port, (haproxy.process.pid,))
+        nginx = Nginx(self.workdir / f"{name}-{free_port()}", upstream_host_port, tuned=name == "nginx", workers=workers)
+        self.started.append(nginx.start())
+        return Target(name, nginx.host_port, nginx.worker_pids)
+
+    def pids(self) -> list[int]:
+        """The benchmark's own long-running processes (registry, proxies and their workers, gateways)."""
+        return [pid for running in self.started if running.process.running for pid in process_tree(running.process.pid)]
 
 
 class ForeignLoad:

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/rss_upload.py [--size-mib 1024] [--chunked]
 
-The gateway is started fresh (`python -m proxy serve --log-level warning`, memory store) in front of a
+The gateway is started fresh (`python -m proxy serve`, logging as shipped, memory store) in front of a
 real docker-registry on tmpfs, warmed up with one 1 MiB upload, then its peak RSS (VmHWM, reset just
 before) is read around the big upload. Target (foundation issue): an increase below 20 MiB.
 """
@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--chunked", action="store_true", help="PATCHes of 8 MiB instead of one PUT")
     args = parser.parse_args(argv)
     size = args.size_mib * MIB
-    with Services.running(2 * size, with_nginx=False) as services:
+    with Services.running(2 * size) as services:
         gateway, _ = services.gateway("gateway")
         pid = gateway.process.pid
         blob, prefixes = Blob.create(services.workdir / "blob", size, [MIB])
