@@ -17,6 +17,7 @@ Every change to `layers` is also PUBLISHed on CHANNEL, so a subscriber may react
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
@@ -225,6 +226,15 @@ def _reach(scoped: list[Any]) -> Reach | None:
     return Reach(frozenset(scoped[0][0]), frozenset(scoped[0][1])) if scoped and scoped[0] is not None else None
 
 
+def _read_slice(layers: CompactLayers, reach: dict[str, Reach], digests: str, values: str) -> None:
+    """One reply of SNAPSHOT_SLICE_SCRIPT into `layers` and `reach`."""
+    decoded = json.loads(f"[{values}]")
+    for digest, (media_type, size, urls, diff_id, *scoped) in zip(digests.split("\n") if digests else (), decoded, strict=True):
+        layers.add(digest, media_type, size, tuple(urls) if urls else (), diff_id)
+        if (scoped_reach := _reach(scoped)) is not None:
+            reach[digest] = scoped_reach
+
+
 def _decode_layer(digest: str, text: str) -> ForeignLayer:
     return _decode_entry(digest, text)[0]
 
@@ -414,24 +424,28 @@ class RedisStore:
 
     async def snapshot(self) -> KnownSnapshot:
         # In slices rather than one HGETALL: decoding 100k entries at once stalls the event loop (so
-        # every request of the gateway) for ~0.35 s, a slice for a few ms. Not a snapshot, but a change
-        # made meanwhile moves the generation (read first), so the caller's next poll reads it again.
+        # every request of the gateway) for ~0.35 s. Each slice is decoded in a thread while Redis
+        # reads the next one: a load takes the longer of the two, not their sum, and the event loop
+        # keeps serving. Not a snapshot, but a change made meanwhile moves the generation (read
+        # first), so the caller's next poll reads it again.
         layers = CompactLayers()  # row by row: a million ForeignLayers at once would cost ~300 MiB
         reach: dict[str, Reach] = {}
-        cursor = "0"
         with self._backend_errors():
             generation = int(cast(str | None, await self._client.get(GENERATION)) or 0)
+            cursor, digests, values = await self._snapshot_slice(keys=[LAYERS], args=["0", KNOWN_SLICE])
             while True:
-                cursor, digests, values = await self._snapshot_slice(keys=[LAYERS], args=[cursor, KNOWN_SLICE])
-                decoded = json.loads(f"[{values}]")
-                for digest, (media_type, size, urls, diff_id, *scoped) in zip(
-                    digests.split("\n") if digests else (), decoded, strict=True
-                ):
-                    layers.add(digest, media_type, size, tuple(urls) if urls else (), diff_id)
-                    if (scoped_reach := _reach(scoped)) is not None:
-                        reach[digest] = scoped_reach
-                if cursor == "0":
+                following = None
+                if cursor != "0":
+                    following = asyncio.ensure_future(self._snapshot_slice(keys=[LAYERS], args=[cursor, KNOWN_SLICE]))
+                try:
+                    await asyncio.to_thread(_read_slice, layers, reach, digests, values)
+                except BaseException:
+                    if following is not None:
+                        following.cancel()
+                    raise
+                if following is None:
                     return KnownSnapshot(generation, layers, reach)
+                cursor, digests, values = await following
 
     async def changes(self, since: int) -> KnownChanges | None:
         with self._backend_errors():

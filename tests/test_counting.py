@@ -1,9 +1,15 @@
-"""Counting off the hot path: a gateway's counts and upload records are added up in memory and written
-in one store transaction per sync interval, whatever the burst; nothing is lost when the store fails."""
+"""Bookkeeping off the hot path: a gateway's counts and upload records are added up in memory and written
+in one store transaction per sync interval, whatever the burst, and nothing is lost when the store
+fails; log lines logged on the event loop are written together, shortly after."""
 
 from __future__ import annotations
 
+import asyncio
+import io
+import json
+import logging
 import sqlite3
+import weakref
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +19,7 @@ from support.services import RedisServer
 
 import proxy.known
 from proxy.known import KnownForeign
+from proxy.logs import FLUSH_AFTER, BatchedStreamHandler, JsonFormatter, log_event
 from proxy.manifests import ForeignLayer
 from proxy.store import (
     ForeignStore,
@@ -277,3 +284,56 @@ async def test_a_process_keeps_a_bounded_number_of_uploads_dropping_the_oldest(
     assert await known.claim_uploads(
         "team/app", [digest(number) for number in range(5)]
     ) == {digest(2), digest(3), digest(4)}
+
+
+class CountedWrites(io.StringIO):
+    writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+@pytest.fixture
+def batched() -> tuple[logging.Logger, CountedWrites]:
+    stream = CountedWrites()
+    handler = BatchedStreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("foreign_layer_proxy.test_batched")
+    logger.handlers[:], logger.propagate = [handler], False
+    logger.setLevel(logging.INFO)
+    return logger, stream
+
+
+async def test_lines_logged_on_the_event_loop_are_written_together_shortly_after_and_warnings_at_once(
+    batched: tuple[logging.Logger, CountedWrites],
+) -> None:
+    logger, stream = batched
+    for number in range(100):
+        log_event(logger, logging.INFO, "request", number=number)
+    assert stream.writes == 0
+    log_event(logger, logging.WARNING, "store_error")
+    assert stream.writes == 1
+    for number in range(100, 105):
+        log_event(logger, logging.INFO, "request", number=number)
+    await asyncio.sleep(FLUSH_AFTER * 5)
+    assert stream.writes == 2
+    await asyncio.to_thread(log_event, logger, logging.INFO, "from_a_thread")  # no event loop there: at once
+    assert stream.writes == 3
+
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line.get("number") for line in lines if line["event"] == "request"] == list(range(105))
+    assert [line["event"] for line in lines][100:102] == ["store_error", "request"]
+    assert lines[-1]["event"] == "from_a_thread"
+
+
+def test_what_waits_is_written_when_logging_shuts_down(batched: tuple[logging.Logger, CountedWrites]) -> None:
+    logger, stream = batched
+
+    async def log_and_stop() -> None:
+        log_event(logger, logging.INFO, "request", number=1)
+
+    asyncio.run(log_and_stop())  # the loop closes before its flush timer runs
+    assert stream.getvalue() == ""
+    logging.shutdown(handlerList=[weakref.ref(logger.handlers[0])])
+    assert json.loads(stream.getvalue())["number"] == 1
