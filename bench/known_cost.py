@@ -235,7 +235,8 @@ async def gateway_costs(kind: str, count: int, changes: int) -> None:
                 (workdir / str(size)).mkdir()
                 gateway, seconds = started_gateway(workdir / str(size), url)
                 try:
-                    figures[size] = {"start_s": seconds, "rss_mib": status_kib(gateway.process.pid, "VmRSS") / 1024,
+                    figures[size] = {"start_s": seconds, "start_cpu_s": cpu_seconds(gateway.process.pid),
+                                     "rss_mib": status_kib(gateway.process.pid, "VmRSS") / 1024,
                                      "peak_mib": status_kib(gateway.process.pid, "VmHWM") / 1024}  # fmt: skip
                     if size:
                         rounds = [one_change(gateway, url, count + 10 + n, workdir) for n in range(changes)]
@@ -250,6 +251,7 @@ async def gateway_costs(kind: str, count: int, changes: int) -> None:
     print(json.dumps({
         "store": kind, "digests": count,
         "start_s": {"empty": round(empty["start_s"], 2), "known": round(full["start_s"], 2)},
+        "start_cpu_s": {"empty": round(empty["start_cpu_s"], 2), "known": round(full["start_cpu_s"], 2)},
         "rss_mib": {"empty": round(empty["rss_mib"], 1), "known": round(full["rss_mib"], 1),
                     "added": round(full["rss_mib"] - empty["rss_mib"], 1), "peak_added": round(full["peak_mib"] - empty["rss_mib"], 1)},
         "changes": [{key: round(value, 3) for key, value in change.items()} for change in rounds],

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 from proxy.manifests import ForeignLayer
 
@@ -54,6 +55,24 @@ class CompactLayers(Mapping[str, ForeignLayer]):
                 self.put(layer)
             else:
                 known[key] = layer.size << MEDIA_BITS | code
+
+    def add_many(self, rows: Iterable[Sequence[Any]]) -> None:
+        """`add` for each row of (digest, media_type, size, urls, diff_id), the common case (a new canonical
+        digest, no rare fields) inline: what a store's load is made of, a million times."""
+        known = self._known
+        media_type, code = None, RARE
+        for row in rows:
+            digest, size, urls, diff_id = row[0], row[2], row[3], row[4]
+            if row[1] != media_type:
+                media_type, code = row[1], self._media_code(row[1])
+            try:
+                key = int(digest[7:], 16)
+            except ValueError:
+                key = -1
+            if urls or diff_id or code == RARE or key in known or digest != f"{SHA256_PREFIX}{key:064x}":
+                self.add(digest, row[1], size, tuple(urls or ()), diff_id)
+            else:
+                known[key] = size << MEDIA_BITS | code
 
     def _packed(self, digest: str) -> int | None:
         key = _key(digest)

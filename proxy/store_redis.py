@@ -229,10 +229,12 @@ def _reach(scoped: list[Any]) -> Reach | None:
 def _read_slice(layers: CompactLayers, reach: dict[str, Reach], digests: str, values: str) -> None:
     """One reply of SNAPSHOT_SLICE_SCRIPT into `layers` and `reach`."""
     decoded = json.loads(f"[{values}]")
-    for digest, (media_type, size, urls, diff_id, *scoped) in zip(digests.split("\n") if digests else (), decoded, strict=True):
-        layers.add(digest, media_type, size, tuple(urls) if urls else (), diff_id)
-        if (scoped_reach := _reach(scoped)) is not None:
-            reach[digest] = scoped_reach
+    names = digests.split("\n") if digests else []
+    layers.add_many((digest, *value[:4]) for digest, value in zip(names, decoded, strict=True))
+    if "[[" in values:  # a reach is a list of lists (else only a url could hold "[[")
+        for digest, (_, _, _, _, *scoped) in zip(names, decoded, strict=True):
+            if (scoped_reach := _reach(scoped)) is not None:
+                reach[digest] = scoped_reach
 
 
 def _decode_layer(digest: str, text: str) -> ForeignLayer:

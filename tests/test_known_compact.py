@@ -203,3 +203,24 @@ async def test_a_process_follows_learning_forgetting_and_diff_ids_through_the_st
     assert (dict(known.layers), dict(known.diff_ids)) == ({digest(2): layer(2)}, {})
     policy = Policy(Action.REJECT)
     assert policy.decide("a/b", [digest(1), digest(101)], known.layers, known.diff_ids, known.reach) is None
+
+
+def test_a_bulk_load_holds_what_adding_each_row_would() -> None:
+    """add_many, a store's load, keeps the common case inline: every other row must still come out right."""
+    rows: list[tuple[str, str, int, tuple[str, ...] | None, str | None]] = [
+        (digest(1), FOREIGN, 10, None, None),
+        (digest(2), FOREIGN, 0, (), None),
+        (digest(3), NONDISTRIBUTABLE, 30, ("https://a.invalid/x",), None),
+        (digest(4), FOREIGN, 40, None, digest(104)),
+        (UPPER, FOREIGN, 50, None, None),
+        (SHA512, FOREIGN, 60, None, None),
+        (digest(1), NONDISTRIBUTABLE, 11, None, None),  # again: replaced
+        *((digest(10 + n), f"application/vnd.example.{n}", n, None, None) for n in range(8)),  # the 8th is rare
+    ]
+    one_by_one = CompactLayers()
+    for name, media_type, size, urls, diff_id in rows:
+        one_by_one.add(name, media_type, size, urls or (), diff_id)
+    bulk = CompactLayers()
+    bulk.add_many(rows)
+    assert dict(bulk) == dict(one_by_one) and dict(bulk.diff_ids) == dict(one_by_one.diff_ids)
+    assert bulk[digest(1)] == ForeignLayer(digest(1), NONDISTRIBUTABLE, 11) and len(bulk) == len(rows) - 1
