@@ -18,9 +18,8 @@ EVENT_FIELD = "event_fields"
 SECRET_QUERY_KEYS = frozenset({"_state", "token", "access_token", "password", "signature", "sig"})
 REDACTED = "REDACTED"
 ACCESS_LOGGER = "foreign_layer_proxy.access"
-# Lines wait at most this long (or until this many characters wait) to be written together; warnings and
-# errors are written at once.
-FLUSH_AFTER = 0.01
+# Lines logged in one turn of the event loop are written together at the start of its next turn (or
+# once this many characters wait); warnings and errors at once.
 BUFFER_CHARACTERS = 64 * 1024
 _ENCODER = json.JSONEncoder(default=str)  # json.dumps(default=...) would build one per line
 
@@ -112,10 +111,10 @@ class WorkerFields(logging.Filter):
 
 
 class BatchedStreamHandler(logging.StreamHandler[TextIO]):
-    """A stream handler that writes the lines logged on an event loop together, at most FLUSH_AFTER seconds
-    later: one write(2) for many requests' lines instead of one each. Warnings and errors, lines logged
-    outside an event loop (a worker thread, the CLI) and a full buffer are written at once; what waits is
-    written at exit (logging's shutdown flushes every handler)."""
+    """A stream handler that writes the lines logged in one turn of an event loop together, when the loop
+    next turns: under load one write(2) for many requests' lines instead of one each. Warnings and errors,
+    lines logged outside an event loop (a worker thread, the CLI) and a full buffer are written at once;
+    what waits is written at exit (logging's shutdown flushes every handler)."""
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
@@ -141,7 +140,7 @@ class BatchedStreamHandler(logging.StreamHandler[TextIO]):
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return False
-        loop.call_later(FLUSH_AFTER, self.flush)
+        loop.call_soon(self.flush)
         self._scheduled = True
         return True
 
