@@ -705,10 +705,10 @@ class SqliteStore:
             # Rows straight into the compact set: a million ForeignLayers at once would cost ~300 MiB.
             layers = CompactLayers()
             layers.add_many(connection.execute(f"SELECT digest, media_type, size, NULL, diff_id {WITHOUT_URLS}"))
-            for digest, media_type, size, urls, diff_id in connection.execute(
-                f"SELECT {LAYER_COLUMNS} FROM foreign_layers WHERE urls != ?", (NO_URLS,)
-            ):
-                layers.add(digest, media_type, size, _urls(urls), diff_id)
+            layers.add_many(
+                (digest, media_type, size, _urls(urls), diff_id) for digest, media_type, size, urls, diff_id
+                in connection.execute(f"SELECT {LAYER_COLUMNS} FROM foreign_layers WHERE urls != ?", (NO_URLS,))
+            )  # fmt: skip
             reach: dict[str, Reach] = {}
             for digest, scoped in connection.execute("SELECT digest, reach FROM foreign_layers WHERE reach IS NOT NULL"):
                 if (scoped_reach := decode_reach(scoped)) is not None:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from support.services import RedisServer
 from test_trust import fill_redis, fill_sqlite
 
-from proxy.compact import CompactLayers
+from proxy.compact import URL_PATTERNS, CompactLayers
 from proxy.known import KnownForeign
 from proxy.manifests import ForeignLayer
 from proxy.policy import Action, Policy
@@ -25,6 +25,7 @@ from proxy.trust import Reach
 FOREIGN = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
 NONDISTRIBUTABLE = "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"
 MILLION = 1_000_000
+WINDOWS_BLOBS = "https://mcr.microsoft.invalid/v2/windows/servercore/blobs/"
 BUDGET_MIB = 150
 
 
@@ -81,6 +82,31 @@ def test_rare_fields_media_types_sizes_come_back_as_they_went_in() -> None:
     assert layers == {item.digest: item for item in given_layers}
     assert dict(layers.diff_ids) == {digest(104): layer(4, diff_id=digest(104)), digest(105): given_layers[-1]}
     assert 42 not in layers  # type: ignore[comparison-overlap]
+
+
+@pytest.mark.parametrize(
+    "urls",
+    [
+        pytest.param((f"{WINDOWS_BLOBS}{digest(7)}",), id="one-naming-the-digest"),
+        pytest.param((f"{WINDOWS_BLOBS}{digest(7)}?sig=1",), id="digest-mid-url"),
+        pytest.param((f"{digest(7)}",), id="the-digest-alone"),
+        pytest.param((f"{WINDOWS_BLOBS}{digest(7)}/{digest(7)}",), id="digest-twice"),
+        pytest.param((f"{WINDOWS_BLOBS}{digest(8)}",), id="naming-another-digest"),
+        pytest.param((f"{WINDOWS_BLOBS}{digest(7)}", "https://b.invalid/y"), id="two"),
+        pytest.param(("https://a.invalid/x",), id="not-naming-it"),
+    ],
+)
+def test_urls_come_back_as_they_went_in(urls: tuple[str, ...]) -> None:
+    given = layer(7, urls=urls)
+    layers = CompactLayers([layer(1, urls=(f"{WINDOWS_BLOBS}{digest(1)}",)), given])
+    assert (layers[digest(7)], layers.pop_layer(digest(7)), digest(7) in layers) == (given, given, False)
+    assert layers[digest(1)].urls == (f"{WINDOWS_BLOBS}{digest(1)}",)
+
+
+def test_urls_beyond_the_patterns_kept_are_kept_whole() -> None:
+    given = [layer(n, urls=(f"https://registry-{n}.invalid/{digest(n)}",)) for n in range(URL_PATTERNS + 3)]
+    layers = CompactLayers(given)
+    assert dict(layers) == {item.digest: item for item in given}
 
 
 def test_replacing_and_forgetting_keep_the_diff_id_index_in_step() -> None:
@@ -173,16 +199,20 @@ async def resident_after_a_fresh_load(url: str) -> tuple[float, int]:
 
 
 @pytest.mark.slow
-async def test_a_million_known_digests_from_sqlite_are_held_in_under_150_mib(tmp_path: Path) -> None:
+@pytest.mark.parametrize("url_before", [None, WINDOWS_BLOBS], ids=["from-digest-files", "with-urls-as-manifests-give"])
+async def test_a_million_known_digests_from_sqlite_are_held_in_under_150_mib(
+    tmp_path: Path, url_before: str | None
+) -> None:
     """Resident memory of a gateway process before and after loading a million digests from its store:
-    the store reads rows straight into the compact set, so no million ForeignLayers pass through."""
+    the store reads rows straight into the compact set, so no million ForeignLayers pass through. Layers
+    learned from manifests each carry their own URL: kept as one of a few patterns, not a string each."""
     path = tmp_path / "foreign-layers.db"
     store = SqliteStore(path)
     await store.learn([layer(0)], Sighting("learn"))
     await store.close()
-    await asyncio.to_thread(fill_sqlite, path, MILLION - 1)
+    await asyncio.to_thread(fill_sqlite, path, MILLION - 1, url_before)
     held, count = await resident_after_a_fresh_load(f"sqlite:///{path}")
-    print(f"a million known digests from SQLite: +{held:.0f} MiB resident")
+    print(f"a million known digests from SQLite ({url_before or 'no urls'}): +{held:.0f} MiB resident")
     assert (held < BUDGET_MIB, count) == (True, MILLION)
 
 

@@ -382,17 +382,19 @@ async def test_a_version_3_file_gains_teachings_from_its_first_sightings(tmp_pat
 # One new digest against a million known: what following the store costs each process
 
 
-def fill_sqlite(path: Path, count: int) -> None:
-    """`count` layers taught by `learn`, written by SQLite itself (no Python loop over rows)."""
+def fill_sqlite(path: Path, count: int, url_before: str | None = None) -> None:
+    """`count` layers taught by `learn`, written by SQLite itself (no Python loop over rows); with `url_before`,
+    each with its own URL, as manifests teach them: `url_before` and the digest."""
     teachings = json.dumps([[None, "learn", None, EVERYWHERE, False, 0.0]])
+    urls = "'[]'" if url_before is None else f"""'["{url_before}' || printf('sha256:%064x', i) || '"]'"""
     with sqlite3.connect(path) as connection:
         connection.execute("PRAGMA synchronous = OFF")
         connection.execute(
-            """
+            f"""
             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)
             INSERT INTO foreign_layers (digest, media_type, size, urls, diff_id, first_source, first_seen,
                                         last_source, last_seen, teachings)
-            SELECT printf('sha256:%064x', i), ?, 1000, '[]', NULL, 'learn', 0, 'learn', 0, ? FROM n
+            SELECT printf('sha256:%064x', i), ?, 1000, {urls}, NULL, 'learn', 0, 'learn', 0, ? FROM n
             """,
             (count, FOREIGN_GZIP, teachings),
         )
