@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 from proxy.manifests import ForeignLayer
 
@@ -10,6 +11,11 @@ SHA256_PREFIX = "sha256:"
 MADE_CAPACITY = 4096
 MEDIA_BITS = 3
 RARE = (1 << MEDIA_BITS) - 1  # the media code of a layer whose fields are kept whole, in `_rare`
+# A layer's one URL, as manifests give it (`https://mcr.microsoft.com/v2/.../blobs/sha256:...`), is kept as the
+# number of its pattern, the URL with the digest cut out: manifests of one base image share a few patterns.
+URL_BITS = 12
+URL_PATTERNS = (1 << URL_BITS) - 1  # code 0: no urls
+SIZE_SHIFT = MEDIA_BITS + URL_BITS
 
 
 def _key(digest: str) -> int:
@@ -27,14 +33,17 @@ def _canonical(digest: str, key: int) -> bool:
 
 class CompactLayers(Mapping[str, ForeignLayer]):
     """Known layers by digest in about 100 bytes each instead of a ForeignLayer (some 300): a sha256 digest's
-    256 bits (one int) map to one int packing the size and the media type (one of a few interned); the rare
-    layers with urls, a diff_id or an eighth media type are kept whole beside. A ForeignLayer is made only
+    256 bits (one int) map to one int packing the size, the media type (one of a few interned) and the pattern
+    of its URL (one of a few thousand); the rare layers with a diff_id, other urls or an eighth media type
+    are kept whole beside. A ForeignLayer is made only
     when one is asked for (on the hot path: a known digest), and the last few made are kept."""
 
     def __init__(self, layers: Iterable[ForeignLayer] = ()):
         self._known: dict[int, int] = {}
         self._other: dict[str, int] = {}  # digests of another algorithm or spelling
         self._media_types: list[str] = []
+        self._url_patterns: list[tuple[str, str]] = []
+        self._url_codes: dict[tuple[str, str], int] = {}
         self._rare: dict[str, tuple[str, tuple[str, ...], str | None]] = {}
         self._by_diff_id: dict[str, str] = {}  # diff_id -> digest
         self._made: dict[str, ForeignLayer] = {}
@@ -53,7 +62,25 @@ class CompactLayers(Mapping[str, ForeignLayer]):
             if key in known or layer.urls or layer.diff_id or code == RARE or not _canonical(digest, key):
                 self.put(layer)
             else:
-                known[key] = layer.size << MEDIA_BITS | code
+                known[key] = layer.size << SIZE_SHIFT | code
+
+    def add_many(self, rows: Iterable[Sequence[Any]]) -> None:
+        """`add` for each row of (digest, media_type, size, urls, diff_id), the common case (a new canonical
+        digest, no rare fields) inline: what a store's load is made of, a million times."""
+        known = self._known
+        media_type, code = None, RARE
+        for row in rows:
+            digest, size, urls, diff_id = row[0], row[2], row[3], row[4]
+            if row[1] != media_type:
+                media_type, code = row[1], self._media_code(row[1])
+            try:
+                key = int(digest[7:], 16)
+            except ValueError:
+                key = -1
+            if urls or diff_id or code == RARE or key in known or digest != f"{SHA256_PREFIX}{key:064x}":
+                self.add(digest, row[1], size, tuple(urls or ()), diff_id)
+            else:
+                known[key] = size << SIZE_SHIFT | code
 
     def _packed(self, digest: str) -> int | None:
         key = _key(digest)
@@ -80,10 +107,13 @@ class CompactLayers(Mapping[str, ForeignLayer]):
         return default if packed is None else self._layer(digest, packed)
 
     def _layer(self, digest: str, packed: int) -> ForeignLayer:
-        code, size = packed & RARE, packed >> MEDIA_BITS
+        code, size = packed & RARE, packed >> SIZE_SHIFT
         if code == RARE:
             media_type, urls, diff_id = self._rare[digest]
             layer = ForeignLayer(digest, media_type, size, urls, diff_id)
+        elif pattern := packed >> MEDIA_BITS & URL_PATTERNS:
+            before, after = self._url_patterns[pattern - 1]
+            layer = ForeignLayer(digest, self._media_types[code], size, (f"{before}{digest}{after}",))
         else:
             layer = ForeignLayer(digest, self._media_types[code], size)
         if len(self._made) >= MADE_CAPACITY:
@@ -118,12 +148,13 @@ class CompactLayers(Mapping[str, ForeignLayer]):
         then names it for its diff_id."""
         self._unindex(digest)
         code = self._media_code(media_type)
-        if urls or diff_id or code == RARE:
-            code = RARE
+        pattern = self._url_pattern(digest, urls) if code != RARE and not diff_id else 0
+        if pattern is None or diff_id or code == RARE:
+            code, pattern = RARE, 0
             self._rare[digest] = (media_type, urls, diff_id)
             if diff_id:
                 self._by_diff_id[diff_id] = digest
-        packed = size << MEDIA_BITS | code
+        packed = size << SIZE_SHIFT | pattern << MEDIA_BITS | code
         key = _key(digest)
         if _canonical(digest, key):
             self._known[key] = packed
@@ -148,6 +179,20 @@ class CompactLayers(Mapping[str, ForeignLayer]):
         rare = self._rare.pop(digest, None)
         if rare is not None and rare[2] and self._by_diff_id.get(rare[2]) == digest:
             del self._by_diff_id[rare[2]]
+
+    def _url_pattern(self, digest: str, urls: tuple[str, ...]) -> int | None:
+        """The code of the pattern `urls` follow: 0 for none, None for urls kept whole (several, or one that
+        does not name the digest, or a pattern beyond the few thousand kept)."""
+        if not urls:
+            return 0
+        if len(urls) > 1 or digest not in urls[0]:
+            return None
+        before, _, after = urls[0].partition(digest)
+        code = self._url_codes.get((before, after))
+        if code is None and len(self._url_patterns) < URL_PATTERNS:
+            self._url_patterns.append((before, after))
+            code = self._url_codes[(before, after)] = len(self._url_patterns)
+        return code
 
     def _media_code(self, media_type: str) -> int:
         for code, known in enumerate(self._media_types):

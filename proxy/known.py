@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 
@@ -23,13 +24,16 @@ from proxy.store import (
     KnownChanges,
     Sighting,
     StoreError,
+    Tally,
     with_gaps_filled,
 )
 from proxy.trust import EVERYWHERE, Reach, teaches_more, widened
 
 logger = logging.getLogger("foreign_layer_proxy.known")
 RECENT_UPLOADS_CAPACITY = 100_000
-# While the store is down, counters and upload records wait in memory up to this many; learned layers always wait.
+# Counts and upload records wait in memory, added up, until the next write (one transaction per sync
+# interval); while the store is down, up to this many different ones (a digest, outcome and repository,
+# or an upload); learned layers always wait.
 MAX_PENDING_RECORDS = 100_000
 
 
@@ -47,22 +51,7 @@ class _Sized:
     size: int
 
 
-@dataclass(frozen=True, slots=True)
-class _Counted:
-    digest: str
-    outcome: str
-    nbytes: int
-    repository: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class _Uploaded:
-    repository: str
-    digest: str
-    ttl: float
-
-
-_Change = _Learned | _Sized | _Counted | _Uploaded
+_Change = _Learned | _Sized
 
 
 class KnownForeign:
@@ -81,8 +70,10 @@ class KnownForeign:
         self.reach: dict[str, Reach] = {}
         self._static: dict[str, ForeignLayer] = dict(static or {})
         self._unsaved: dict[str, ForeignLayer] = {}
-        self._recent_uploads: dict[tuple[str, str], float] = {}
+        # Oldest first: at capacity, the expired (or else the oldest) go first, one at a time.
+        self._recent_uploads: OrderedDict[tuple[str, str], float] = OrderedDict()
         self._pending: asyncio.Queue[_Change] = asyncio.Queue()
+        self._tally = Tally()
         self._generation: int | None = None
         self._wake = asyncio.Event()
 
@@ -129,16 +120,22 @@ class KnownForeign:
         self._queue(_Sized(digest, size))
 
     def count(self, digest: str, outcome: str, nbytes: int = 0, repository: str | None = None) -> None:
-        if self._pending.qsize() < MAX_PENDING_RECORDS:
-            self._pending.put_nowait(_Counted(digest, outcome, nbytes, repository))
+        """Added up in memory; written with the next flush (at most one sync interval later)."""
+        if len(self._tally) < MAX_PENDING_RECORDS or self._tally.holds((digest, outcome, repository)):
+            self._tally.count(digest, outcome, nbytes, repository)
 
     def record_upload(self, repository: str, digest: str, ttl: float) -> None:
         """A blob upload completed: kept for leak detection, here and (for other replicas) in the store."""
-        if len(self._recent_uploads) >= RECENT_UPLOADS_CAPACITY:
-            self._forget_expired_uploads()
-        self._recent_uploads[(repository, digest)] = time.monotonic() + ttl
-        if self._pending.qsize() < MAX_PENDING_RECORDS:
-            self._queue(_Uploaded(repository, digest, ttl))
+        now = time.monotonic()
+        uploads = self._recent_uploads
+        while uploads and (len(uploads) >= RECENT_UPLOADS_CAPACITY or next(iter(uploads.values())) <= now):
+            uploads.popitem(last=False)
+        uploads[repository, digest] = now + ttl
+        uploads.move_to_end((repository, digest))
+        if len(self._tally) < MAX_PENDING_RECORDS or self._tally.holds((repository, digest)):
+            self._tally.upload(repository, digest, ttl)
+            # Written at once (with whatever else is waiting): a manifest naming it may come to another replica.
+            self._wake.set()
 
     async def claim_uploads(self, repository: str, digests: Iterable[str]) -> set[str]:
         """Which of `digests` were uploaded to `repository` within the leak window, by any replica; each
@@ -159,9 +156,19 @@ class KnownForeign:
         self._wake.set()
 
     async def flush(self) -> None:
-        """Write everything pending; used at shutdown and by tests."""
+        """Write everything pending, the counts and uploads added up in one store call; used at shutdown
+        and by tests. What a failed write was to write stays pending."""
         while not self._pending.empty():
             await self._write(self._pending.get_nowait())
+        if not self._tally:
+            return
+        tally, self._tally = self._tally, Tally()
+        try:
+            await self.store.record(tally)
+        except StoreError:
+            tally.merge(self._tally, MAX_PENDING_RECORDS)
+            self._tally = tally
+            raise
 
     async def resync(self) -> None:
         generation = await self.store.generation()
@@ -251,12 +258,6 @@ class KnownForeign:
         self.on_store_error()
         log_event(logger, logging.WARNING, "store_error", error=str(error))
 
-    def _forget_expired_uploads(self) -> None:
-        now = time.monotonic()
-        self._recent_uploads = {key: expiry for key, expiry in self._recent_uploads.items() if expiry > now}
-        while len(self._recent_uploads) >= RECENT_UPLOADS_CAPACITY:
-            del self._recent_uploads[next(iter(self._recent_uploads))]
-
     async def _write(self, change: _Change) -> None:
         try:
             if isinstance(change, _Learned):
@@ -264,12 +265,8 @@ class KnownForeign:
                 for layer in change.layers:
                     if self._unsaved.get(layer.digest) is layer:
                         del self._unsaved[layer.digest]
-            elif isinstance(change, _Sized):
-                await self.store.fill_size(change.digest, change.size)
-            elif isinstance(change, _Counted):
-                await self.store.count(change.digest, change.outcome, change.nbytes, change.repository)
             else:
-                await self.store.record_upload(change.repository, change.digest, change.ttl)
+                await self.store.fill_size(change.digest, change.size)
         except StoreError:
             self._pending.put_nowait(change)
             raise

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import itertools
 import json
 import sqlite3
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -116,6 +117,43 @@ class Untaught:
     narrowed: list[str]
 
 
+# A count's key: the digest, the outcome and the repository (None: counted for the digest only).
+CountKey = tuple[str, str, str | None]
+
+
+@dataclass(slots=True)
+class Tally:
+    """count() and record_upload() calls added up, for a store to write in one transaction: a burst of a
+    thousand drops of one layer is one row to update, not a thousand."""
+
+    counts: dict[CountKey, tuple[int, int]] = field(default_factory=dict)  # -> (calls, sum of nbytes)
+    uploads: dict[tuple[str, str], float] = field(default_factory=dict)  # (repository, digest) -> ttl seconds
+
+    def count(self, digest: str, outcome: str, nbytes: int = 0, repository: str | None = None, times: int = 1) -> None:
+        key = (digest, outcome, repository)
+        calls, total = self.counts.get(key, (0, 0))
+        self.counts[key] = (calls + times, total + nbytes)
+
+    def upload(self, repository: str, digest: str, ttl_seconds: float) -> None:
+        upload_expiry(0, ttl_seconds)  # a bad ttl fails here, at the call, not at the write
+        self.uploads[repository, digest] = ttl_seconds
+
+    def holds(self, key: CountKey | tuple[str, str]) -> bool:
+        return key in self.counts or key in self.uploads
+
+    def merge(self, later: Tally, limit: int) -> None:
+        """Add `later` to this one (kept after a failed write), new keys only while fewer than `limit` are held."""
+        for (digest, outcome, repository), (calls, nbytes) in later.counts.items():
+            if len(self) < limit or (digest, outcome, repository) in self.counts:
+                self.count(digest, outcome, nbytes, repository, calls)
+        for key, ttl in later.uploads.items():
+            if len(self) < limit or key in self.uploads:
+                self.uploads[key] = ttl
+
+    def __len__(self) -> int:
+        return len(self.counts) + len(self.uploads)
+
+
 class StoreError(Exception):
     """The store's backend failed; the message names the backend (the SQLite file, the Redis URL without password)."""
 
@@ -160,6 +198,9 @@ class ForeignStore(Protocol):
 
         The repository's totals count every digest, known or not, and outlive `forget`.
         """
+
+    async def record(self, tally: Tally) -> None:
+        """Every count and upload of `tally`, as count() and record_upload() would, in one transaction."""
 
     async def repository_stats(self) -> list[RepositoryStats]:
         """Every repository that was counted, by bytes kept out (most first), then by name."""
@@ -240,6 +281,18 @@ def _sqlite_path(url: str, location: str) -> Path:
     return Path(location).absolute()
 
 
+def counted_once(digest: str, outcome: str, nbytes: int, repository: str | None) -> Tally:
+    tally = Tally()
+    tally.count(digest, outcome, nbytes, repository)
+    return tally
+
+
+def uploaded_once(repository: str, digest: str, ttl_seconds: float) -> Tally:
+    tally = Tally()
+    tally.upload(repository, digest, ttl_seconds)
+    return tally
+
+
 def by_bytes_kept_out(stats: Iterable[RepositoryStats]) -> list[RepositoryStats]:
     return sorted(stats, key=lambda repository: (-repository.bytes_kept_out, repository.repository))
 
@@ -271,6 +324,7 @@ class MemoryStore:
         self._clock = clock
         self._records: dict[str, ForeignRecord] = {}
         self._uploads: dict[tuple[str, str], float] = {}
+        self._expiries: list[tuple[float, str, str]] = []  # a heap of (expires_at, repository, digest)
         self._repositories: dict[str, RepositoryStats] = {}
         self._generation = 0
         # Digest -> the generation of its last change, oldest first.
@@ -358,12 +412,26 @@ class MemoryStore:
             self._moved([digest])
 
     async def count(self, digest: str, outcome: str, nbytes: int = 0, repository: str | None = None) -> None:
+        await self.record(counted_once(digest, outcome, nbytes, repository))
+
+    async def record(self, tally: Tally) -> None:
         self._check_open()
-        if (record := self._records.get(digest)) is not None:
-            self._records[digest] = _counted(record, outcome, nbytes)
-        if repository is not None:
-            stats = self._repositories.get(repository, RepositoryStats(repository, {}, 0))
-            self._repositories[repository] = _counted(stats, outcome, nbytes)
+        for (digest, outcome, repository), (calls, nbytes) in tally.counts.items():
+            if (record := self._records.get(digest)) is not None:
+                self._records[digest] = _counted(record, outcome, calls, nbytes)
+            if repository is not None:
+                stats = self._repositories.get(repository, RepositoryStats(repository, {}, 0))
+                self._repositories[repository] = _counted(stats, outcome, calls, nbytes)
+        now = self._clock()
+        for (repository, digest), ttl_seconds in tally.uploads.items():
+            expires_at = upload_expiry(now, ttl_seconds)
+            self._uploads[repository, digest] = expires_at
+            heapq.heappush(self._expiries, (expires_at, repository, digest))
+        # Oldest expiry first: each upload record is dropped once, not the whole table rebuilt per upload.
+        while self._expiries and self._expiries[0][0] <= now:
+            expires_at, repository, digest = heapq.heappop(self._expiries)
+            if self._uploads.get((repository, digest)) == expires_at:
+                del self._uploads[repository, digest]
 
     async def restore(self, records: Sequence[ForeignRecord], repositories: Sequence[RepositoryStats]) -> None:
         self._check_open()
@@ -381,11 +449,7 @@ class MemoryStore:
         return self._generation
 
     async def record_upload(self, repository: str, digest: str, ttl_seconds: float) -> None:
-        self._check_open()
-        now = self._clock()
-        expires_at = upload_expiry(now, ttl_seconds)
-        self._uploads = {key: expiry for key, expiry in self._uploads.items() if expiry > now}
-        self._uploads[repository, digest] = expires_at
+        await self.record(uploaded_once(repository, digest, ttl_seconds))
 
     async def recent_uploads(self, repository: str, digests: Iterable[str]) -> set[str]:
         self._check_open()
@@ -418,8 +482,8 @@ class MemoryStore:
 Counted = TypeVar("Counted", ForeignRecord, RepositoryStats)
 
 
-def _counted(counted: Counted, outcome: str, nbytes: int) -> Counted:
-    outcomes = {**counted.outcomes, outcome: counted.outcomes.get(outcome, 0) + 1}
+def _counted(counted: Counted, outcome: str, calls: int, nbytes: int) -> Counted:
+    outcomes = {**counted.outcomes, outcome: counted.outcomes.get(outcome, 0) + calls}
     return replace(counted, outcomes=outcomes, bytes_kept_out=counted.bytes_kept_out + nbytes)
 
 
@@ -495,6 +559,7 @@ SCHEMA = (
     "INSERT OR IGNORE INTO meta (key, value) SELECT 'history_from', value FROM meta WHERE key = 'generation'",
 )
 NO_URLS = json.dumps([])
+WITHOUT_URLS = f"FROM foreign_layers WHERE urls = '{NO_URLS}'"
 ADDED_COLUMNS = {"teachings": "TEXT", "reach": "TEXT"}
 # Layers from before teachings were recorded were taught everywhere by their first sighting.
 BACKFILL_TEACHINGS = """
@@ -544,6 +609,24 @@ SELECT_RECORDS = f"""
         bytes_kept_out, teachings, outcome, count
     FROM foreign_layers LEFT JOIN outcomes USING (digest)
     ORDER BY digest
+"""
+
+COUNT_FOR_REPOSITORY = """
+    INSERT INTO repository_outcomes (repository, outcome, count, bytes_kept_out) VALUES (?, ?, ?, ?)
+    ON CONFLICT (repository, outcome) DO UPDATE SET
+        count = count + excluded.count, bytes_kept_out = bytes_kept_out + excluded.bytes_kept_out
+"""
+
+# Only for a known digest; SELECT ... WHERE, not VALUES, so that an unknown one inserts nothing.
+COUNT_FOR_DIGEST = """
+    INSERT INTO outcomes (digest, outcome, count)
+    SELECT digest, ?2, ?3 FROM foreign_layers WHERE digest = ?1
+    ON CONFLICT (digest, outcome) DO UPDATE SET count = count + excluded.count
+"""
+
+RECORD_UPLOAD = """
+    INSERT INTO uploads (repository, digest, expires_at) VALUES (?, ?, ?)
+    ON CONFLICT (repository, digest) DO UPDATE SET expires_at = excluded.expires_at
 """
 
 SELECT_CHANGED = """
@@ -619,12 +702,15 @@ class SqliteStore:
     async def snapshot(self) -> KnownSnapshot:
         def select_layers(connection: sqlite3.Connection) -> KnownSnapshot:
             generation = _meta(connection, "generation")
+            # Rows straight into the compact set: a million ForeignLayers at once would cost ~300 MiB.
             layers = CompactLayers()
+            layers.add_many(connection.execute(f"SELECT digest, media_type, size, NULL, diff_id {WITHOUT_URLS}"))
+            layers.add_many(
+                (digest, media_type, size, _urls(urls), diff_id) for digest, media_type, size, urls, diff_id
+                in connection.execute(f"SELECT {LAYER_COLUMNS} FROM foreign_layers WHERE urls != ?", (NO_URLS,))
+            )  # fmt: skip
             reach: dict[str, Reach] = {}
-            for row in connection.execute(f"SELECT {LAYER_COLUMNS}, reach FROM foreign_layers"):
-                digest, media_type, size, urls, diff_id, scoped = row
-                # Into the compact set row by row: a million ForeignLayers at once would cost ~300 MiB.
-                layers.add(digest, media_type, size, _urls(urls), diff_id)
+            for digest, scoped in connection.execute("SELECT digest, reach FROM foreign_layers WHERE reach IS NOT NULL"):
                 if (scoped_reach := decode_reach(scoped)) is not None:
                     reach[digest] = scoped_reach
             return KnownSnapshot(generation, layers, reach)
@@ -698,30 +784,35 @@ class SqliteStore:
         await self._write(update_size)
 
     async def count(self, digest: str, outcome: str, nbytes: int = 0, repository: str | None = None) -> None:
-        def count_outcome(connection: sqlite3.Connection) -> None:
-            if repository is not None:
-                connection.execute(
-                    """
-                    INSERT INTO repository_outcomes (repository, outcome, count, bytes_kept_out) VALUES (?, ?, 1, ?)
-                    ON CONFLICT (repository, outcome) DO UPDATE SET
-                        count = count + 1, bytes_kept_out = bytes_kept_out + excluded.bytes_kept_out
-                    """,
-                    (repository, outcome, nbytes),
-                )
-            known = connection.execute(
-                "UPDATE foreign_layers SET bytes_kept_out = bytes_kept_out + ? WHERE digest = ?",
-                (nbytes, digest),
-            ).rowcount
-            if known:
-                connection.execute(
-                    """
-                    INSERT INTO outcomes (digest, outcome, count) VALUES (?, ?, 1)
-                    ON CONFLICT (digest, outcome) DO UPDATE SET count = count + 1
-                    """,
-                    (digest, outcome),
-                )
+        await self.record(counted_once(digest, outcome, nbytes, repository))
 
-        await self._transaction(count_outcome)
+    async def record(self, tally: Tally) -> None:
+        now = self._clock()
+        by_repository = [
+            (repository, outcome, calls, nbytes)
+            for (_, outcome, repository), (calls, nbytes) in tally.counts.items() if repository is not None
+        ]  # fmt: skip
+        kept_out: dict[str, int] = {}
+        by_digest: dict[tuple[str, str], int] = {}
+        for (digest, outcome, _), (calls, nbytes) in tally.counts.items():
+            kept_out[digest] = kept_out.get(digest, 0) + nbytes
+            by_digest[digest, outcome] = by_digest.get((digest, outcome), 0) + calls
+        uploads = [(repository, digest, upload_expiry(now, ttl)) for (repository, digest), ttl in tally.uploads.items()]
+
+        def record_tally(connection: sqlite3.Connection) -> None:
+            connection.executemany(COUNT_FOR_REPOSITORY, by_repository)
+            connection.executemany(
+                "UPDATE foreign_layers SET bytes_kept_out = bytes_kept_out + ? WHERE digest = ?",
+                [(nbytes, digest) for digest, nbytes in kept_out.items() if nbytes],
+            )
+            connection.executemany(
+                COUNT_FOR_DIGEST, [(digest, outcome, calls) for (digest, outcome), calls in by_digest.items()]
+            )
+            if uploads:
+                connection.execute("DELETE FROM uploads WHERE expires_at <= ?", (now,))
+                connection.executemany(RECORD_UPLOAD, uploads)
+
+        await self._transaction(record_tally)
 
     async def repository_stats(self) -> list[RepositoryStats]:
         def select_stats(connection: sqlite3.Connection) -> list[RepositoryStats]:
@@ -785,20 +876,7 @@ class SqliteStore:
         return await self._run(lambda connection: _meta(connection, "generation"))
 
     async def record_upload(self, repository: str, digest: str, ttl_seconds: float) -> None:
-        now = self._clock()
-        expires_at = upload_expiry(now, ttl_seconds)
-
-        def upsert_upload(connection: sqlite3.Connection) -> None:
-            connection.execute("DELETE FROM uploads WHERE expires_at <= ?", (now,))
-            connection.execute(
-                """
-                INSERT INTO uploads (repository, digest, expires_at) VALUES (?, ?, ?)
-                ON CONFLICT (repository, digest) DO UPDATE SET expires_at = excluded.expires_at
-                """,
-                (repository, digest, expires_at),
-            )
-
-        await self._transaction(upsert_upload)
+        await self.record(uploaded_once(repository, digest, ttl_seconds))
 
     async def recent_uploads(self, repository: str, digests: Iterable[str]) -> set[str]:
         return await self._uploads(repository, digests, "SELECT digest FROM uploads", self._run)

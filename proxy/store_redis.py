@@ -17,6 +17,7 @@ Every change to `layers` is also PUBLISHed on CHANNEL, so a subscriber may react
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
@@ -45,11 +46,14 @@ from proxy.store import (
     RepositoryStats,
     Sighting,
     StoreError,
+    Tally,
     TlsFiles,
     Untaught,
     by_bytes_kept_out,
+    counted_once,
     teaching_from,
     upload_expiry,
+    uploaded_once,
     with_gaps_filled,
     without_password,
     without_teacher,
@@ -79,18 +83,23 @@ DEFAULT_PORT = 6379
 DEFAULT_TIMEOUT = 2.0
 KNOWN_SLICE = 5000
 LEARN_SLICE = 1000
+COUNT_SLICE = 1000  # counts per script call: a big tally does not block Redis for long at a time
 
-# KEYS: layers, outcomes:DIGEST, bytes-kept-out[, repository-outcomes:REPOSITORY, repository-bytes-kept-out].
-# ARGV: digest, outcome, nbytes[, repository].
+# KEYS: layers, bytes-kept-out, repository-bytes-kept-out, then per count outcomes:DIGEST and
+# repository-outcomes:REPOSITORY (outcomes:DIGEST again, unused, when counted for no repository).
+# ARGV: per count digest, outcome, calls, nbytes, repository ('' for none), 1 if for the repository else 0.
 COUNT_SCRIPT = """
-if #KEYS == 5 then
-    redis.call('HINCRBY', KEYS[4], ARGV[2], 1)
-    redis.call('HINCRBY', KEYS[5], ARGV[4], ARGV[3])
+for i = 0, #ARGV / 6 - 1 do
+    local digest, outcome, calls, nbytes, repository, for_repository = unpack(ARGV, 6 * i + 1, 6 * i + 6)
+    if for_repository == '1' then
+        redis.call('HINCRBY', KEYS[5 + 2 * i], outcome, calls)
+        redis.call('HINCRBY', KEYS[3], repository, nbytes)
+    end
+    if redis.call('HEXISTS', KEYS[1], digest) == 1 then
+        redis.call('HINCRBY', KEYS[4 + 2 * i], outcome, calls)
+        redis.call('HINCRBY', KEYS[2], digest, nbytes)
+    end
 end
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
-redis.call('HINCRBY', KEYS[3], ARGV[1], ARGV[3])
-return 1
 """
 
 # KEYS: layers, history, bytes-kept-out, generation, teachings, changes, history-from, then outcomes:DIGEST per digest.
@@ -215,6 +224,17 @@ def _decode_entry(digest: str, text: str) -> KnownEntry:
 def _reach(scoped: list[Any]) -> Reach | None:
     """The fifth field of a `layers` value; absent (written before teachings were recorded) or null: everywhere."""
     return Reach(frozenset(scoped[0][0]), frozenset(scoped[0][1])) if scoped and scoped[0] is not None else None
+
+
+def _read_slice(layers: CompactLayers, reach: dict[str, Reach], digests: str, values: str) -> None:
+    """One reply of SNAPSHOT_SLICE_SCRIPT into `layers` and `reach`."""
+    decoded = json.loads(f"[{values}]")
+    names = digests.split("\n") if digests else []
+    layers.add_many((digest, *value[:4]) for digest, value in zip(names, decoded, strict=True))
+    if "[[" in values:  # a reach is a list of lists (else only a url could hold "[[")
+        for digest, (_, _, _, _, *scoped) in zip(names, decoded, strict=True):
+            if (scoped_reach := _reach(scoped)) is not None:
+                reach[digest] = scoped_reach
 
 
 def _decode_layer(digest: str, text: str) -> ForeignLayer:
@@ -406,24 +426,28 @@ class RedisStore:
 
     async def snapshot(self) -> KnownSnapshot:
         # In slices rather than one HGETALL: decoding 100k entries at once stalls the event loop (so
-        # every request of the gateway) for ~0.35 s, a slice for a few ms. Not a snapshot, but a change
-        # made meanwhile moves the generation (read first), so the caller's next poll reads it again.
+        # every request of the gateway) for ~0.35 s. Each slice is decoded in a thread while Redis
+        # reads the next one: a load takes the longer of the two, not their sum, and the event loop
+        # keeps serving. Not a snapshot, but a change made meanwhile moves the generation (read
+        # first), so the caller's next poll reads it again.
         layers = CompactLayers()  # row by row: a million ForeignLayers at once would cost ~300 MiB
         reach: dict[str, Reach] = {}
-        cursor = "0"
         with self._backend_errors():
             generation = int(cast(str | None, await self._client.get(GENERATION)) or 0)
+            cursor, digests, values = await self._snapshot_slice(keys=[LAYERS], args=["0", KNOWN_SLICE])
             while True:
-                cursor, digests, values = await self._snapshot_slice(keys=[LAYERS], args=[cursor, KNOWN_SLICE])
-                decoded = json.loads(f"[{values}]")
-                for digest, (media_type, size, urls, diff_id, *scoped) in zip(
-                    digests.split("\n") if digests else (), decoded, strict=True
-                ):
-                    layers.add(digest, media_type, size, tuple(urls) if urls else (), diff_id)
-                    if (scoped_reach := _reach(scoped)) is not None:
-                        reach[digest] = scoped_reach
-                if cursor == "0":
+                following = None
+                if cursor != "0":
+                    following = asyncio.ensure_future(self._snapshot_slice(keys=[LAYERS], args=[cursor, KNOWN_SLICE]))
+                try:
+                    await asyncio.to_thread(_read_slice, layers, reach, digests, values)
+                except BaseException:
+                    if following is not None:
+                        following.cancel()
+                    raise
+                if following is None:
                     return KnownSnapshot(generation, layers, reach)
+                cursor, digests, values = await following
 
     async def changes(self, since: int) -> KnownChanges | None:
         with self._backend_errors():
@@ -537,13 +561,24 @@ class RedisStore:
                     continue
 
     async def count(self, digest: str, outcome: str, nbytes: int = 0, repository: str | None = None) -> None:
-        keys = [LAYERS, _outcomes_key(digest), BYTES_KEPT_OUT]
-        args: list[EncodableT] = [digest, outcome, nbytes]
-        if repository is not None:
-            keys += [_repository_outcomes_key(repository), REPOSITORY_BYTES_KEPT_OUT]
-            args.append(repository)
+        await self.record(counted_once(digest, outcome, nbytes, repository))
+
+    async def record(self, tally: Tally) -> None:
+        counts = list(tally.counts.items())
         with self._backend_errors():
-            await self._count_script(keys=keys, args=args)
+            async with self._client.pipeline(transaction=True) as pipe:
+                for start in range(0, len(counts), COUNT_SLICE):
+                    keys: list[str] = [LAYERS, BYTES_KEPT_OUT, REPOSITORY_BYTES_KEPT_OUT]
+                    args: list[EncodableT] = []
+                    for (digest, outcome, repository), (calls, nbytes) in counts[start : start + COUNT_SLICE]:
+                        outcomes = _outcomes_key(digest)
+                        keys += [outcomes, outcomes if repository is None else _repository_outcomes_key(repository)]
+                        args += [digest, outcome, calls, nbytes, repository or "", int(repository is not None)]
+                    await self._count_script(keys=keys, args=args, client=pipe)
+                for (repository, digest), ttl_seconds in tally.uploads.items():
+                    milliseconds = max(1, math.ceil(upload_expiry(0, ttl_seconds) * 1000))
+                    pipe.set(_upload_key(repository, digest), "1", px=milliseconds)
+                await pipe.execute()
 
     async def repository_stats(self) -> list[RepositoryStats]:
         with self._backend_errors():
@@ -599,9 +634,7 @@ class RedisStore:
             return int(value or 0)
 
     async def record_upload(self, repository: str, digest: str, ttl_seconds: float) -> None:
-        milliseconds = max(1, math.ceil(upload_expiry(0, ttl_seconds) * 1000))
-        with self._backend_errors():
-            await self._client.set(_upload_key(repository, digest), "1", px=milliseconds)
+        await self.record(uploaded_once(repository, digest, ttl_seconds))
 
     async def recent_uploads(self, repository: str, digests: Iterable[str]) -> set[str]:
         unique_digests = list(dict.fromkeys(digests))

@@ -39,7 +39,7 @@ from proxy.config import ConfigError, load_settings, policy_of
 from proxy.known import KnownForeign
 from proxy.manifests import ForeignLayer
 from proxy.policy import Action, Decision, Policy, Rule
-from proxy.store import ForeignStore, MemoryStore, Sighting, SqliteStore
+from proxy.store import ForeignStore, MemoryStore, Sighting, SqliteStore, open_store
 from proxy.store_redis import LAYERS, RedisStore, parse_redis_url
 from proxy.trust import (
     EVERYWHERE,
@@ -382,17 +382,19 @@ async def test_a_version_3_file_gains_teachings_from_its_first_sightings(tmp_pat
 # One new digest against a million known: what following the store costs each process
 
 
-def fill_sqlite(path: Path, count: int) -> None:
-    """`count` layers taught by `learn`, written by SQLite itself (no Python loop over rows)."""
+def fill_sqlite(path: Path, count: int, url_before: str | None = None) -> None:
+    """`count` layers taught by `learn`, written by SQLite itself (no Python loop over rows); with `url_before`,
+    each with its own URL, as manifests teach them: `url_before` and the digest."""
     teachings = json.dumps([[None, "learn", None, EVERYWHERE, False, 0.0]])
+    urls = "'[]'" if url_before is None else f"""'["{url_before}' || printf('sha256:%064x', i) || '"]'"""
     with sqlite3.connect(path) as connection:
         connection.execute("PRAGMA synchronous = OFF")
         connection.execute(
-            """
+            f"""
             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)
             INSERT INTO foreign_layers (digest, media_type, size, urls, diff_id, first_source, first_seen,
                                         last_source, last_seen, teachings)
-            SELECT printf('sha256:%064x', i), ?, 1000, '[]', NULL, 'learn', 0, 'learn', 0, ? FROM n
+            SELECT printf('sha256:%064x', i), ?, 1000, {urls}, NULL, 'learn', 0, 'learn', 0, ? FROM n
             """,
             (count, FOREIGN_GZIP, teachings),
         )
@@ -756,3 +758,48 @@ async def test_a_layer_from_a_digest_file_learns_its_size_from_the_push(
     assert metric(scraped, "foreign_layer_proxy_kept_out_bytes_total") == foreign.size
     present = await call(http, "HEAD", f"{gateway.url}/v2/win/other/blobs/{foreign.digest}")
     assert (present.status, present.headers["Content-Length"]) == (200, str(foreign.size))
+
+
+ENFORCE_LIMIT = 2.0  # seconds from the end of `learn` until a running gateway enforces the digest (a liveness bound)
+MANY = 50_000
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+async def test_a_digest_learned_by_the_cli_is_enforced_by_a_gateway_holding_many_within_two_seconds(
+    gateway_factory: GatewayFactory, registry: Registry, http: aiohttp.ClientSession, tmp_path: Path,
+    request: pytest.FixtureRequest, kind: str,
+) -> None:  # fmt: skip
+    """Following the store's changes, not reloading it: a new digest costs what changed, whatever is known."""
+    server: RedisServer | None = request.getfixturevalue("redis_server") if kind == "redis" else None
+    if server is not None:
+        server.flush()
+        url = server.url()
+    else:
+        url = f"sqlite:///{tmp_path / 'shared.db'}"
+    store = open_store(url)
+    await store.learn([layer(0)], Sighting("learn"))
+    await store.close()
+    if server is not None:
+        await asyncio.to_thread(fill_redis, server, MANY)
+    else:
+        await asyncio.to_thread(fill_sqlite, tmp_path / "shared.db", MANY)
+    gateway = gateway_factory(registry, store=url, config={"policy": {"pretend_present": True}})
+    new = layer(MANY + 1)
+    blob = f"{gateway.url}/v2/team/app/blobs/{new.digest}"
+    assert (await call(http, "HEAD", f"{gateway.url}/v2/team/app/blobs/{digest(MANY)}")).status == 200  # all loaded
+    assert (await call(http, "HEAD", blob)).status == 404
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "size": 2, "digest": digest(7)},
+        "layers": [{"mediaType": FOREIGN_GZIP, "size": new.size, "digest": new.digest}],
+    }))  # fmt: skip
+
+    learned = await asyncio.to_thread(cli, "learn", "--store", url, manifest)
+    assert learned.returncode == 0 and new.digest in learned.stdout, describe(learned)
+    learned_at = time.monotonic()
+    while (await call(http, "HEAD", blob)).status != 200:
+        assert time.monotonic() - learned_at < ENFORCE_LIMIT, f"not enforced {ENFORCE_LIMIT} s after learn"
+        await asyncio.sleep(0.02)
+    if server is not None:
+        server.flush()
