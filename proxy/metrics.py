@@ -87,6 +87,11 @@ class Metrics:
             "Body bytes (no headers) streamed: up (client to registry) and down (registry or gateway to client).",
             ["direction"], registry=self.registry,
         )  # fmt: skip
+        self.bytes_spliced = Counter(
+            f"{PREFIX}_spliced_bytes",
+            "Body bytes of streamed_bytes moved with splice(2), from socket to socket in the kernel: up and down.",
+            ["direction"], registry=self.registry,
+        )  # fmt: skip
         self.decisions = Counter(
             f"{PREFIX}_decisions",
             "Foreign-layer decisions: dropped, rejected, allowed, audited, leaked, cleaned; by rule.",
