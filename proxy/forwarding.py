@@ -6,7 +6,7 @@ import asyncio
 import os
 import socket
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -320,11 +320,13 @@ def known_length(headers: Mapping[str, str], length: int | None, splicing: Splic
 
 
 async def splice_download(
-    source: aiohttp.ClientResponse, client: asyncio.BaseTransport | None, splicing: Splicing
-) -> tuple[int, int] | None:
+    source: aiohttp.ClientResponse, client: asyncio.BaseTransport | None, splicing: Splicing,
+    spliced: Callable[[int], None],
+) -> int | None:  # fmt: skip
     """Relay an upstream body to the client (whose answer's head is written) with splice: what aiohttp
-    already read of it, then the rest from socket to socket. Returns (bytes relayed, of which spliced); None,
-    with nothing read, where it cannot be spliced (a side under TLS, no Content-Length, too short).
+    already read of it, then the rest from socket to socket; `spliced` is told how many bytes went that way,
+    however it ended. Returns the body's length; None, with nothing read, where it cannot be spliced (a side
+    under TLS, no Content-Length, shorter than Splicing.min_bytes).
 
     The upstream connection is closed after: its parser never saw the body's end. The client's stays open
     for its next request: its answer is exactly the Content-Length announced."""
@@ -339,18 +341,21 @@ async def splice_download(
     buffered = content.read_nowait()  # then no more: aiohttp's reading stops before the loop runs again
     connection.protocol.pause_reading()
     reads, writes = WaitDeadline(splicing.read_timeout), WaitDeadline(splicing.write_timeout)
+    moved = 0
     try:
         with splice.duplicates(upstream_fd, client_fd) as (upstream, downstream), splice.Pipe() as pipe:
             await splice.flushed(cast(asyncio.WriteTransport, client), downstream, writes)
             await splice.send_all(downstream, buffered, writes)
-            await splice.relay(upstream, downstream, remaining, pipe, reads, writes)
+            moved = await splice.relay(upstream, downstream, remaining, pipe, reads, writes)
     except splice.SpliceStopped as stopped:
+        moved = stopped.moved
         raise download_aborted(stopped, splicing) from None
     finally:
         reads.close()
         writes.close()
         source.close()
-    return len(buffered) + remaining, remaining
+        spliced(moved)
+    return length
 
 
 def download_aborted(stopped: splice.SpliceStopped, splicing: Splicing) -> StreamAborted:

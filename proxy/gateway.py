@@ -555,12 +555,14 @@ class Gateway:
         if request.body_exists:
             await send_continue(request)
         body = self.forwarded_body(request)
-        async with self.upstream.open(request.method, request.raw_path, self.upstream_headers(request), body) as upstream:
-            if not isinstance(body, SplicedBody):
-                return await self.respond(request, upstream, None)
-            response = await self.respond(request, upstream, None, close=body.bypassed)
-        self.metrics.bytes_spliced.labels("up").inc(body.spliced)
-        if body.bypassed:
+        spliced = body if isinstance(body, SplicedBody) else None
+        try:
+            async with self.upstream.open(request.method, request.raw_path, self.upstream_headers(request), body) as upstream:
+                response = await self.respond(request, upstream, None, close=spliced is not None and spliced.bypassed)
+        finally:
+            if spliced is not None:
+                self.metrics.bytes_spliced.labels("up").inc(spliced.spliced)
+        if spliced is not None and spliced.bypassed:
             request.protocol.force_close()  # answered: aiohttp would otherwise wait for the body it never saw end
         return response
 
@@ -820,8 +822,8 @@ class Gateway:
     async def relay(self, request: web.Request, upstream: ClientResponse, response: web.StreamResponse) -> int:
         """An upstream body streamed to the client; returns its bytes. Blobs are spliced where they can be."""
         if self.splicing is not None and request[ROUTE].kind is RouteKind.BLOB and request.method == "GET":
-            spliced = await splice_download(upstream, request.transport, self.splicing)
-            if spliced is not None:
-                self.metrics.bytes_spliced.labels("down").inc(spliced[1])
-                return spliced[0]
+            relayed = await splice_download(upstream, request.transport, self.splicing,
+                                            self.metrics.bytes_spliced.labels("down").inc)  # fmt: skip
+            if relayed is not None:
+                return relayed
         return await relay_body(upstream, response)

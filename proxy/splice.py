@@ -16,8 +16,9 @@ from collections.abc import Callable, Iterator
 from typing import Protocol, Self
 
 SUPPORTED = hasattr(os, "splice")
-# Bytes a pipe holds between the two splices. The default 64 KiB takes about twice the CPU a GiB; 1 MiB
-# no less than 256 KiB, and an unprivileged user's pipes share 64 MiB (fs.pipe-user-pages-soft).
+# Bytes a pipe holds between the two splices: at most this much of a body is in flight per transfer. On
+# loopback 64 KiB, 256 KiB and 1 MiB cost the same CPU a GiB within noise (system time, the TCP stack's,
+# is most of it); an unprivileged user's pipes share 64 MiB (fs.pipe-user-pages-soft), 256 of these.
 PIPE_BYTES = 256 * 1024
 _MOVE = (os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK) if SUPPORTED else 0
 _MORE = os.SPLICE_F_MORE if SUPPORTED else 0
