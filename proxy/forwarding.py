@@ -341,20 +341,20 @@ async def splice_download(
     buffered = content.read_nowait()  # then no more: aiohttp's reading stops before the loop runs again
     connection.protocol.pause_reading()
     reads, writes = WaitDeadline(splicing.read_timeout), WaitDeadline(splicing.write_timeout)
-    moved = 0
+    transfer: splice.Transfer | None = None
     try:
         with splice.duplicates(upstream_fd, client_fd) as (upstream, downstream), splice.Pipe() as pipe:
             await splice.flushed(cast(asyncio.WriteTransport, client), downstream, writes)
             await splice.send_all(downstream, buffered, writes)
-            moved = await splice.relay(upstream, downstream, remaining, pipe, reads, writes)
+            transfer = splice.Transfer(upstream, downstream, pipe)
+            await transfer.move(remaining, reads, writes)
     except splice.SpliceStopped as stopped:
-        moved = stopped.moved
         raise download_aborted(stopped, splicing) from None
     finally:
         reads.close()
         writes.close()
         source.close()
-        spliced(moved)
+        spliced(transfer.delivered if transfer is not None else 0)
     return length
 
 
@@ -408,17 +408,19 @@ class SplicedBody(payload.Payload):
         splicing = self.splicing
         idle, writes = WaitDeadline(splicing.idle_timeout), WaitDeadline(splicing.read_timeout)
         floor = RateFloor(splicing.min_body_rate, splicing.body_rate_window)
+        transfer: splice.Transfer | None = None
         try:
             with splice.duplicates(client_fd, upstream_fd) as (downstream, upstream), splice.Pipe() as pipe:
                 await splice.flushed(upstream_transport, upstream, writes)
                 await splice.send_all(upstream, buffered, writes)
-                self.spliced = await splice.relay(downstream, upstream, remaining, pipe, idle, writes, floor.add)
+                transfer = splice.Transfer(downstream, upstream, pipe)
+                await transfer.move(remaining, idle, writes, floor.add)
         except splice.SpliceStopped as stopped:
-            self.spliced = stopped.moved
             raise upload_aborted(stopped, splicing) from None
         finally:
             idle.close()
             writes.close()
+            self.spliced = transfer.delivered if transfer is not None else 0
             # Counted as received, as if the server had read them: the access log's and the metrics' bytes in.
             content.total_bytes += self.spliced
 

@@ -561,7 +561,7 @@ class Gateway:
                 response = await self.respond(request, upstream, None, close=spliced is not None and spliced.bypassed)
         finally:
             if spliced is not None:
-                self.metrics.bytes_spliced.labels("up").inc(spliced.spliced)
+                self.metrics.bytes_spliced_up.inc(spliced.spliced)
         if spliced is not None and spliced.bypassed:
             request.protocol.force_close()  # answered: aiohttp would otherwise wait for the body it never saw end
         return response
@@ -823,7 +823,7 @@ class Gateway:
         """An upstream body streamed to the client; returns its bytes. Blobs are spliced where they can be."""
         if self.splicing is not None and request[ROUTE].kind is RouteKind.BLOB and request.method == "GET":
             relayed = await splice_download(upstream, request.transport, self.splicing,
-                                            self.metrics.bytes_spliced.labels("down").inc)  # fmt: skip
+                                            self.metrics.bytes_spliced_down.inc)  # fmt: skip
             if relayed is not None:
                 return relayed
         return await relay_body(upstream, response)

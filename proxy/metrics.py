@@ -127,6 +127,8 @@ class Metrics:
         )  # fmt: skip
         self._bytes_up = self.bytes_streamed.labels("up")
         self._bytes_down = self.bytes_streamed.labels("down")
+        self.bytes_spliced_up = self.bytes_spliced.labels("up")
+        self.bytes_spliced_down = self.bytes_spliced.labels("down")
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     def observe_request(

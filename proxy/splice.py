@@ -38,11 +38,10 @@ class SpliceStopped(Exception):
     """The relay could not go on. `side`: "source" or "sink"; `reason`: "closed" (its end of the
     stream before `count` bytes), "timeout" (its deadline ran out), or the system's word for an error."""
 
-    def __init__(self, side: str, reason: str, moved: int = 0):
+    def __init__(self, side: str, reason: str):
         super().__init__(f"{side} {reason}")
         self.side = side
         self.reason = reason
-        self.moved = moved  # bytes the sink took before
 
 
 class Pipe:
@@ -127,22 +126,31 @@ async def send_all(fd: int, data: bytes, waits: Waits) -> None:
             raise SpliceStopped("sink", _reason(error)) from error
 
 
-async def relay(
-    source: int, sink: int, count: int, pipe: Pipe, source_waits: Waits, sink_waits: Waits,
-    source_waited: Callable[[float, int], None] | None = None,
-) -> int:  # fmt: skip
-    """Move exactly `count` bytes from socket `source` to socket `sink` through `pipe`; returns `count`.
+class Transfer:
+    """A body's way from socket `source` to socket `sink` through `pipe`; `delivered`: the bytes the sink
+    took so far, however the transfer ends."""
 
-    Waits only when no splice can make progress: for the sink while the pipe holds bytes it refuses, else
-    for the source. `source_waited(seconds, bytes)` is told after each wait for the source how long it
-    took and how many bytes came since the previous one (a minimum rate is checked there)."""
-    received = delivered = fresh = 0
-    try:
-        while delivered < count:
-            held = received - delivered
-            if received < count and held < pipe.size:
+    def __init__(self, source: int, sink: int, pipe: Pipe) -> None:
+        self.source, self.sink, self.pipe = source, sink, pipe
+        self.delivered = 0
+
+    async def move(
+        self, count: int, source_waits: Waits, sink_waits: Waits,
+        source_waited: Callable[[float, int], None] | None = None,
+    ) -> None:  # fmt: skip
+        """Move exactly `count` bytes more. Waits only when no splice can make progress: for the sink while
+        the pipe holds bytes it refuses, else for the source. `source_waited(seconds, bytes)` is told after
+        each wait for the source how long it took and how many bytes came since the previous one (a minimum
+        rate is checked there)."""
+        source, sink, pipe = self.source, self.sink, self.pipe
+        end = self.delivered + count
+        received = self.delivered
+        fresh = 0
+        while self.delivered < end:
+            held = received - self.delivered
+            if received < end and held < pipe.size:
                 try:
-                    moved = os.splice(source, pipe.write_fd, min(count - received, pipe.size - held), flags=_MOVE)
+                    moved = os.splice(source, pipe.write_fd, min(end - received, pipe.size - held), flags=_MOVE)
                 except BlockingIOError:
                     pass  # no data yet, or no pipe slot left: told apart below by what the pipe holds
                 except OSError as error:
@@ -155,7 +163,7 @@ async def relay(
                     held += moved
             if held:
                 try:
-                    sent = os.splice(pipe.read_fd, sink, held, flags=_MOVE | (_MORE if received < count else 0))
+                    sent = os.splice(pipe.read_fd, sink, held, flags=_MOVE | (_MORE if received < end else 0))
                 except BlockingIOError:
                     await wait_ready(sink, True, sink_waits, "sink")
                     continue
@@ -163,16 +171,12 @@ async def relay(
                     raise SpliceStopped("sink", _reason(error)) from error
                 if sent == 0:
                     raise SpliceStopped("sink", "closed")
-                delivered += sent
+                self.delivered += sent
             else:
                 waited = await wait_ready(source, False, source_waits, "source")
                 if source_waited is not None:
                     source_waited(waited, fresh)
                 fresh = 0
-    except SpliceStopped as stopped:
-        stopped.moved = delivered
-        raise
-    return count
 
 
 def _reason(error: OSError) -> str:
