@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import signal
 import socket
 import ssl
 import threading
@@ -442,3 +443,44 @@ async def test_no_descriptor_outlives_many_spliced_transfers(
     await freed(pid, registry.port, baseline)
     assert metric(gateway, SPLICED, "down") > 30 * MiB
     assert metric(gateway, SPLICED, "up") > 10 * MiB
+
+
+async def test_sigterm_lets_spliced_transfers_in_flight_finish(
+    registry: Registry, gateway_factory: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    blob, upload_body = await pushed(http, registry, "splice/drain", 16 * MiB), os.urandom(8 * MiB)
+    gateway = gateway_factory(registry, args=["--log-level", "info"])
+    location = await start_upload(http, gateway.url, "splice/drain")
+    with Raw(gateway.port, receive_buffer=64 * 1024) as reader, Raw(gateway.port) as writer:
+        reader.send("GET", f"/v2/splice/drain/blobs/{sha256(blob)}")
+        assert reader.head()[0] == 200
+        first = reader.body(MiB)
+        writer.sock.sendall(f"PATCH {location.raw_path_qs} HTTP/1.1\r\nHost: {writer.host}\r\n"
+                            f"Content-Length: {len(upload_body)}\r\n\r\n".encode() + upload_body[: 4 * MiB])  # fmt: skip
+        await asyncio.sleep(0.3)
+        os.kill(gateway.process.pid, signal.SIGTERM)
+        await gateway.wait_for("stopping")
+        writer.sock.sendall(upload_body[4 * MiB:])
+        status, headers = writer.head()
+        rest = reader.body(len(blob) - MiB)
+    assert sha256(first + rest) == sha256(blob)
+    assert status == 202
+    assert headers["range"] == f"0-{len(upload_body) - 1}"
+    assert await asyncio.to_thread(gateway.process.wait, 30) == 0
+    spliced = [line for line in gateway.events("request") if line["method"] in {"GET", "PATCH"}]
+    assert sorted((line["method"], line["status"]) for line in spliced) == [("GET", 200), ("PATCH", 202)]
+
+
+async def test_workers_splice_and_their_supervisor_sums_what_they_spliced(
+    registry: Registry, gateway_factory: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    blob = os.urandom(4 * MiB)
+    gateway = gateway_factory(registry, args=["--log-level", "info"], config={"server": {"workers": 2}})
+    await gateway.wait_for("listening", 2)
+    for index in range(4):  # new connections each: the kernel spreads them over the workers
+        async with aiohttp.ClientSession() as session:
+            assert (await push_single_put(session, gateway.url, f"splice/workers{index}", blob)).status == 201
+            fetched = await call(session, "GET", f"{gateway.url}/v2/splice/workers{index}/blobs/{sha256(blob)}")
+            assert sha256(fetched.body) == sha256(blob)
+    assert 4 * (len(blob) - MiB) <= metric(gateway, SPLICED, "down") <= 4 * len(blob)
+    assert 4 * (len(blob) - MiB) <= metric(gateway, SPLICED, "up") <= 4 * len(blob)
