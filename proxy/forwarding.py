@@ -374,7 +374,7 @@ class SplicedBody(payload.Payload):
     deadlines and minimum rate of a copied body. Copied from `fallback` where a side is under TLS.
 
     Once it splices, `bypassed` is set: the server's parser on the client connection never sees the body's
-    end, so that connection must be closed after the answer."""
+    end, so that connection must be closed after the answer; `finished` once the whole body went up."""
 
     def __init__(self, request: web.Request, fallback: AsyncIterator[bytes], splicing: Splicing):
         super().__init__(None)
@@ -382,7 +382,7 @@ class SplicedBody(payload.Payload):
         self.request = request
         self.fallback = fallback
         self.splicing = splicing
-        self.bypassed = False
+        self.bypassed = self.finished = False
         self.spliced = 0
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
@@ -392,6 +392,7 @@ class SplicedBody(payload.Payload):
         await self.write_with_length(writer, None)
 
     async def write_with_length(self, writer: AbstractStreamWriter, content_length: int | None) -> None:
+        self._consumed = True  # a client's body is sent once: aiohttp must not retry the request with it
         request, content = self.request, self.request.content
         remaining = (self._size or 0) - content.total_bytes
         upstream_transport = writer.transport
@@ -415,7 +416,13 @@ class SplicedBody(payload.Payload):
                 await splice.send_all(upstream, buffered, writes)
                 transfer = splice.Transfer(downstream, upstream, pipe)
                 await transfer.move(remaining, idle, writes, floor.add)
+            self.finished = True
         except splice.SpliceStopped as stopped:
+            if stopped.side == "sink":
+                # The client may still be sending what the upstream did not take: the server reads and drops it
+                # for a moment before closing (aiohttp's lingering close), so that the client gets the answer
+                # rather than a reset.
+                request.protocol.resume_reading()
             raise upload_aborted(stopped, splicing) from None
         finally:
             idle.close()

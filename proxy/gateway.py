@@ -562,7 +562,7 @@ class Gateway:
         finally:
             if spliced is not None:
                 self.metrics.bytes_spliced_up.inc(spliced.spliced)
-        if spliced is not None and spliced.bypassed:
+        if spliced is not None and spliced.finished:
             request.protocol.force_close()  # answered: aiohttp would otherwise wait for the body it never saw end
         return response
 
