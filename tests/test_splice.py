@@ -28,9 +28,11 @@ import aiohttp
 import pytest
 import trustme
 from prometheus_client.parser import text_string_to_metric_families
+from support.clients import skopeo_copy
 from support.faulty import Fault, FaultyUpstream, open_fds, sockets_to
 from support.fixtures import GatewayFactory
 from support.gateway import GatewayProcess
+from support.images import build_image, write_dir
 from support.protocol import (
     call,
     push_chunked_encoding,
@@ -484,3 +486,22 @@ async def test_workers_splice_and_their_supervisor_sums_what_they_spliced(
             assert sha256(fetched.body) == sha256(blob)
     assert 4 * (len(blob) - MiB) <= metric(gateway, SPLICED, "down") <= 4 * len(blob)
     assert 4 * (len(blob) - MiB) <= metric(gateway, SPLICED, "up") <= 4 * len(blob)
+
+
+async def test_skopeo_pushes_and_pulls_an_image_whose_layers_are_spliced(
+    registry: Registry, gateway_factory: GatewayFactory, skopeo_cache: Path, tmp_path: Path
+) -> None:
+    """A real client takes the `Connection: close` of each spliced upload in its stride."""
+    image = build_image(1601, layer_sizes=(3 * MiB, 2 * MiB))
+    gateway = gateway_factory(registry)
+    pushed_image = skopeo_copy(f"dir:{write_dir(image, tmp_path / 'image')}", f"docker://{gateway.host_port}/splice/skopeo:1",
+                               cache_dir=skopeo_cache)  # fmt: skip
+    assert pushed_image.returncode == 0, pushed_image.stderr
+    pulled = skopeo_copy(f"docker://{gateway.host_port}/splice/skopeo:1", f"dir:{tmp_path / 'pulled'}", cache_dir=skopeo_cache)
+    assert pulled.returncode == 0, pulled.stderr
+    for layer in image.layers:
+        assert registry.links("splice/skopeo", layer.digest)
+        assert sha256((tmp_path / "pulled" / layer.digest.split(":")[1]).read_bytes()) == layer.digest
+    layers = sum(layer.size for layer in image.layers)
+    assert layers - 2 * MiB <= metric(gateway, SPLICED, "up") <= layers
+    assert layers - 2 * MiB <= metric(gateway, SPLICED, "down") <= layers
