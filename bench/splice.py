@@ -98,7 +98,7 @@ def metric(host_port: str, name: str) -> dict[str, float]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mib", type=int, default=256, help="blob size for the CPU rounds (default 256)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="CPU rounds (0: only the RSS phase)")
     parser.add_argument("--uploads", type=int, default=128, help="concurrent uploads for the RSS phase (0: skip)")
     parser.add_argument("--upload-mib", type=int, default=16, help="size of each concurrent upload")
     args = parser.parse_args(argv)
@@ -150,11 +150,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 peak = peak_rss_mib(pid)
                 entry = rss.setdefault(name, {"before_mib": before, "peak_mib": 0.0, "wall_s": wall})
                 entry["peak_mib"] = max(entry["peak_mib"], peak)
-    medians = {op: {name: statistics.median(values) for name, values in by.items()} for op, by in figures.items()}
+    medians = {op: {name: statistics.median(values) for name, values in by.items() if values} for op, by in figures.items()}
     print(f"\nproxy CPU per GiB (median of {args.rounds} rounds, {args.size_mib} MiB blob):")
     print("| transfer | nginx (tuned) | gateway splice | gateway copy | splice/nginx | copy/nginx |")
     print("|---|---|---|---|---|---|")
     for op, by in medians.items():
+        if not by:
+            continue
         nginx_cpu = by["nginx"]
         print(f"| {op} | {nginx_cpu:.3f} | {by['gateway splice']:.3f} | {by['gateway copy']:.3f} "
               f"| {by['gateway splice'] / nginx_cpu:.2f} | {by['gateway copy'] / nginx_cpu:.2f} |")  # fmt: skip

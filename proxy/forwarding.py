@@ -384,6 +384,11 @@ class SplicedBody(payload.Payload):
         self.splicing = splicing
         self.bypassed = self.finished = False
         self.spliced = 0
+        # The server reads no more of the body than it holds now, while the upstream connection is opened: a
+        # spliced upload holds at most one read of it (bounded memory per upload), not the stream's buffer.
+        self.held = not request.content.is_eof()
+        if self.held:
+            request.protocol.pause_reading()
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
         raise TypeError("a spliced body is never held")
@@ -399,6 +404,8 @@ class SplicedBody(payload.Payload):
         client_fd, upstream_fd = plain_socket(request.transport), plain_socket(upstream_transport)
         if (remaining <= 0 or client_fd is None or upstream_fd is None or upstream_transport is None
                 or content.is_eof() or content.exception() is not None):  # fmt: skip
+            if self.held:
+                request.protocol.resume_reading()
             async for chunk in self.fallback:
                 await writer.write(chunk)
             return
