@@ -43,6 +43,9 @@ from support.protocol import (
 from support.registry import Registry, RegistryConfig, RegistryFactory
 from yarl import URL
 
+from proxy import splice
+from proxy.forwarding import RateFloor, StreamAborted, WaitDeadline
+
 MiB = 1024 * 1024
 HOST = "127.0.0.1"
 SPLICED = "foreign_layer_proxy_spliced_bytes_total"
@@ -505,3 +508,97 @@ async def test_skopeo_pushes_and_pulls_an_image_whose_layers_are_spliced(
     layers = sum(layer.size for layer in image.layers)
     assert layers - 2 * MiB <= metric(gateway, SPLICED, "up") <= layers
     assert layers - 2 * MiB <= metric(gateway, SPLICED, "down") <= layers
+
+
+# proxy.splice on its own: two loopback TCP connections in this process, no HTTP
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server((HOST, 0)) as listener:
+        near = socket.create_connection(listener.getsockname())
+        far, _ = listener.accept()
+    for sock in (near, far):
+        sock.setblocking(False)
+    return near, far
+
+
+async def test_a_transfer_moves_exactly_its_count_through_a_small_pipe_to_a_sink_that_keeps_filling() -> None:
+    (feeder, source), (sink, reader) = tcp_pair(), tcp_pair()
+    sink.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    data, extra = os.urandom(3 * MiB + 123), b"next request"
+    loop = asyncio.get_running_loop()
+    sending = asyncio.ensure_future(loop.sock_sendall(feeder, data + extra))
+    received = bytearray()
+
+    async def read_all() -> None:
+        while len(received) < len(data):
+            received.extend(await loop.sock_recv(reader, 65536))
+
+    reading = asyncio.ensure_future(read_all())
+    with splice.Pipe(64 * 1024) as pipe:
+        transfer = splice.Transfer(source.fileno(), sink.fileno(), pipe)
+        await transfer.move(len(data), WaitDeadline(5), WaitDeadline(5))
+    await asyncio.wait_for(asyncio.gather(sending, reading), 10)
+    assert (transfer.delivered, bytes(received)) == (len(data), data)
+    assert source.recv(100) == extra  # not a byte past the count was taken
+    for sock in (feeder, source, sink, reader):
+        sock.close()
+
+
+async def test_a_source_closing_early_and_a_sink_not_reading_stop_the_transfer_with_what_was_delivered() -> None:
+    loop = asyncio.get_running_loop()
+    (feeder, source), (sink, reader) = tcp_pair(), tcp_pair()
+    await loop.sock_sendall(feeder, os.urandom(100_000))
+    feeder.close()
+    with splice.Pipe() as pipe:
+        transfer = splice.Transfer(source.fileno(), sink.fileno(), pipe)
+        with pytest.raises(splice.SpliceStopped) as closed:
+            await transfer.move(200_000, WaitDeadline(5), WaitDeadline(5))
+    assert (closed.value.side, closed.value.reason, transfer.delivered) == ("source", "closed", 100_000)
+    (feeder, source), size = tcp_pair(), 16 * MiB  # more than the sink's buffers take while nobody reads
+    sending = asyncio.ensure_future(loop.sock_sendall(feeder, os.urandom(size)))
+    with splice.Pipe() as pipe:
+        transfer = splice.Transfer(source.fileno(), sink.fileno(), pipe)
+        with pytest.raises(splice.SpliceStopped) as stalled:
+            await asyncio.wait_for(transfer.move(size, WaitDeadline(5), WaitDeadline(0.3)), 10)
+    assert (stalled.value.side, stalled.value.reason) == ("sink", "timeout")
+    assert 0 < transfer.delivered < size
+    sending.cancel()
+    for sock in (feeder, source, sink, reader):
+        sock.close()
+
+
+def test_a_pipe_closes_both_ends_and_duplicates_close_on_exit_whatever_happened() -> None:
+    with splice.Pipe() as pipe:
+        ends = (pipe.read_fd, pipe.write_fd)
+        assert pipe.size >= 64 * 1024
+        with pytest.raises(ValueError), splice.duplicates(*ends) as copies:
+            raise ValueError("a failed transfer")
+        for fd in copies:
+            with pytest.raises(OSError):
+                os.fstat(fd)
+    for fd in ends:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
+@pytest.mark.parametrize(
+    ("waits", "stopped"),
+    [
+        ([(1.0, 100), (1.5, 100)], True),  # 200 bytes in 2.5 s of waiting, under 100 B/s
+        ([(1.0, 300), (1.5, 0)], False),  # 300 bytes in 2.5 s: over it
+        ([(0.5, 0), (0.5, 0), (0.5, 0)], False),  # the window (2 s) is not over yet
+        ([(2.5, 200), (2.5, 200)], True),  # a window that passed resets the count: the next one fails
+    ],
+)
+def test_the_rate_floor_judges_each_window_of_waiting(waits: list[tuple[float, int]], stopped: bool) -> None:
+    floor = RateFloor(100, 2.0)
+    try:
+        for waited, received in waits:
+            floor.add(waited, received)
+    except StreamAborted as aborted:
+        assert stopped, aborted
+        assert "(minimum 100 B/s)" in aborted.cause
+    else:
+        assert not stopped
