@@ -393,6 +393,50 @@ class DyingUpstream:
         self.thread.join(10)
 
 
+class DeafUpstream(DyingUpstream):
+    """An upstream that reads a request's head and then nothing more: a registry stuck taking an upload."""
+
+    def __init__(self) -> None:
+        self.released = threading.Event()
+        super().__init__(0, 0)
+
+    def stop(self) -> None:
+        self.released.set()
+        super().stop()
+
+    def serve(self) -> None:
+        connection, _ = self.listener.accept()
+        with connection:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += connection.recv(65536)
+            self.released.wait(20)  # reads nothing more
+
+
+async def test_an_upstream_that_stops_taking_an_upload_is_answered_504_by_read_timeout(
+    gateway_factory: GatewayFactory
+) -> None:
+    deaf = DeafUpstream()
+    try:
+        gateway = gateway_factory(deaf.url, config={"upstream": {"read_timeout": 2}})
+        body = os.urandom(48 * MiB)  # more than the kernel's buffers on the way hold
+
+        def push() -> int:
+            with Raw(gateway.port, timeout=15) as client:
+                try:
+                    return upload(client, "PUT", f"/v2/splice/deaf/blobs/uploads/x?digest={sha256(body)}", body)[0]
+                except OSError:
+                    return 0  # answered and closed while the rest was still being sent
+
+        status = await asyncio.to_thread(push)
+    finally:
+        deaf.stop()
+    errors = await gateway.wait_for("gateway_error")
+    assert status in {504, 0}
+    assert errors[0]["message"].startswith("upstream registry did not answer in time"), errors
+    assert MiB < metric(gateway, SPLICED, "up") < len(body)
+
+
 async def test_an_upstream_that_stalls_mid_body_is_cut_off_by_read_timeout_while_others_are_served(
     registry: Registry, gateway_factory: GatewayFactory, http: aiohttp.ClientSession
 ) -> None:
