@@ -151,6 +151,13 @@ def descriptors(pid: int, upstream_port: int) -> tuple[int, int]:
     return open_fds(pid) - sockets_to(pid, upstream_port), pipes
 
 
+async def settled(gateway: GatewayProcess, registry: Registry, http: aiohttp.ClientSession) -> tuple[int, tuple[int, int]]:
+    """The gateway's pid and its descriptors once it served a probe and the test's own keep-alive connection."""
+    probe(gateway)
+    await start_upload(http, gateway.url, "splice/settled")
+    return gateway.process.pid, descriptors(gateway.process.pid, registry.port)
+
+
 async def freed(pid: int, upstream_port: int, baseline: tuple[int, int]) -> None:
     """Until the gateway holds no more descriptors than `baseline`, and exactly its pipes (its own)."""
     deadline = time.monotonic() + 10
@@ -346,9 +353,7 @@ async def test_a_client_leaving_mid_download_frees_everything(
 ) -> None:
     blob = await pushed(http, registry, "splice/leave", 32 * MiB)
     gateway = gateway_factory(registry)
-    pid = gateway.process.pid
-    probe(gateway)
-    baseline = descriptors(pid, registry.port)
+    pid, baseline = await settled(gateway, registry, http)
     for _ in range(3):
         with Raw(gateway.port, receive_buffer=64 * 1024) as leaving:
             leaving.send("GET", f"/v2/splice/leave/blobs/{sha256(blob)}")
@@ -477,10 +482,7 @@ async def test_no_descriptor_outlives_many_spliced_transfers(
 ) -> None:
     blob = await pushed(http, registry, "splice/many", 2 * MiB)
     gateway = gateway_factory(registry)
-    pid = gateway.process.pid
-    probe(gateway)
-    await start_upload(http, gateway.url, "splice/many")  # the test's own keep-alive connection, held
-    baseline = descriptors(pid, registry.port)
+    pid, baseline = await settled(gateway, registry, http)
     with Raw(gateway.port) as client:
         for _ in range(30):
             client.send("GET", f"/v2/splice/many/blobs/{sha256(blob)}")
