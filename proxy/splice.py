@@ -146,18 +146,19 @@ class Transfer:
         end = self.delivered + count
         received = self.delivered
         fresh = 0
+        ended: str | None = None  # why the source gave no more: what the pipe holds still goes to the sink
         while self.delivered < end:
             held = received - self.delivered
-            if received < end and held < pipe.size:
+            if ended is None and received < end and held < pipe.size:
                 try:
                     moved = os.splice(source, pipe.write_fd, min(end - received, pipe.size - held), flags=_MOVE)
                 except BlockingIOError:
                     pass  # no data yet, or no pipe slot left: told apart below by what the pipe holds
                 except OSError as error:
-                    raise SpliceStopped("source", _reason(error)) from error
+                    ended = _reason(error)
                 else:
                     if moved == 0:
-                        raise SpliceStopped("source", "closed")
+                        ended = "closed"
                     received += moved
                     fresh += moved
                     held += moved
@@ -172,6 +173,8 @@ class Transfer:
                 if sent == 0:
                     raise SpliceStopped("sink", "closed")
                 self.delivered += sent
+            elif ended is not None:
+                raise SpliceStopped("source", ended)
             else:
                 waited = await wait_ready(source, False, source_waits, "source")
                 if source_waited is not None:
