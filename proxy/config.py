@@ -276,6 +276,8 @@ class ServerSettings:
     body_rate_window: float = field(default=20.0, metadata=parsed_by(parse_positive_float))
     max_head_size: int = field(default=64 * 1024, metadata=parsed_by(parse_positive_int))
     manifest_memory: int = field(default=64 * 1024 * 1024, metadata=parsed_by(parse_positive_int))
+    splice: bool = field(default=True, metadata=parsed_by(parse_bool))
+    splice_min_bytes: int = field(default=1024 * 1024, metadata=parsed_by(parse_positive_int))
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import aiohttp
-from aiohttp import web
+from aiohttp import payload, web
+from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict
 from yarl import URL
 
+from proxy import splice
 from proxy.config import ConfigError, UpstreamSettings
 from proxy.errors import (
     UPSTREAM_BROKEN,
@@ -31,7 +34,7 @@ STREAM_BUFFER_BYTES = 128 * 1024
 # Headers aiohttp would otherwise add on its own; the upstream sees only what the client sent.
 SKIPPED_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
-Body = aiohttp.StreamReader | AsyncIterator[bytes] | bytes | None
+Body = aiohttp.StreamReader | AsyncIterator[bytes] | payload.Payload | bytes | None
 
 
 class StreamAborted(Exception):
@@ -224,6 +227,28 @@ class WaitDeadline:
             self._handle = self._loop.call_at(due, self._check)
 
 
+class RateFloor:
+    """At least `rate` bytes a second from a client, over every `window` seconds spent waiting for it: a client
+    trickling a few bytes now and then holds an upstream connection for nothing. 0: no minimum."""
+
+    __slots__ = ("rate", "received", "waited", "window")
+
+    def __init__(self, rate: int, window: float):
+        self.rate, self.window = rate, window
+        self.waited, self.received = 0.0, 0
+
+    def add(self, waited: float, received: int) -> None:
+        """`received` bytes came after waiting `waited` seconds; raises StreamAborted once a window was too slow."""
+        if not self.rate:
+            return
+        self.waited += waited
+        self.received += received
+        if self.waited >= self.window:
+            if self.received < self.rate * self.waited:
+                raise StreamAborted(f"client sent {self.received} bytes in {self.waited:.0f} s (minimum {self.rate} B/s)")
+            self.waited, self.received = 0.0, 0
+
+
 async def client_body(content: aiohttp.StreamReader | None, idle_timeout: float) -> AsyncIterator[bytes]:
     """A request body as it arrives; a client that stops sending it for `idle_timeout` seconds is cut off.
 
@@ -290,3 +315,168 @@ async def relay_body(source: aiohttp.ClientResponse, sink: web.StreamResponse) -
         except ConnectionError as error:
             raise StreamAborted("client closed the connection") from error
         copied += len(chunk)
+
+
+# Splicing: large bodies between two plain TCP sockets, moved in the kernel (proxy.splice)
+
+
+@dataclass(frozen=True, slots=True)
+class Splicing:
+    """Which bodies are spliced (at least `min_bytes` long), and the deadlines a copied body would have."""
+
+    min_bytes: int
+    idle_timeout: float
+    write_timeout: float
+    read_timeout: float
+    min_body_rate: int
+    body_rate_window: float
+
+
+def plain_socket(transport: asyncio.BaseTransport | None) -> int | None:
+    """The descriptor of the TCP socket a transport reads and writes unencrypted; None under TLS."""
+    if transport is None or transport.is_closing() or transport.get_extra_info("sslcontext") is not None:
+        return None
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.family not in {socket.AF_INET, socket.AF_INET6} or sock.type != socket.SOCK_STREAM:
+        return None
+    fd: int = sock.fileno()
+    return fd
+
+
+def known_length(headers: Mapping[str, str], length: int | None, splicing: Splicing) -> int | None:
+    """The body's length when it is framed by Content-Length alone and long enough to splice."""
+    if length is None or length < splicing.min_bytes or "Transfer-Encoding" in headers:
+        return None
+    return length
+
+
+async def splice_download(
+    source: aiohttp.ClientResponse, client: asyncio.BaseTransport | None, splicing: Splicing,
+    spliced: Callable[[int], None],
+) -> int | None:  # fmt: skip
+    """Relay an upstream body to the client (whose answer's head is written) with splice: what aiohttp
+    already read of it, then the rest from socket to socket; `spliced` is told how many bytes went that way,
+    however it ended. Returns the body's length; None, with nothing read, where it cannot be spliced (a side
+    under TLS, no Content-Length, shorter than Splicing.min_bytes).
+
+    The upstream connection is closed after: its parser never saw the body's end. The client's stays open
+    for its next request: its answer is exactly the Content-Length announced."""
+    content, connection = source.content, source.connection
+    length = known_length(source.headers, source.content_length, splicing)
+    if length is None or connection is None or connection.protocol is None or content.exception() is not None:
+        return None
+    remaining = length - content.total_bytes
+    client_fd, upstream_fd = plain_socket(client), plain_socket(connection.transport)
+    if remaining <= 0 or client_fd is None or upstream_fd is None or content.is_eof():
+        return None
+    buffered = content.read_nowait()  # then no more: aiohttp's reading stops before the loop runs again
+    connection.protocol.pause_reading()
+    reads, writes = WaitDeadline(splicing.read_timeout), WaitDeadline(splicing.write_timeout)
+    transfer: splice.Transfer | None = None
+    try:
+        with splice.duplicates(upstream_fd, client_fd) as (upstream, downstream), splice.Pipe() as pipe:
+            await splice.flushed(cast(asyncio.WriteTransport, client), downstream, writes)
+            await splice.send_all(downstream, buffered, writes)
+            transfer = splice.Transfer(upstream, downstream, pipe)
+            await transfer.move(remaining, reads, writes)
+    except splice.SpliceStopped as stopped:
+        raise download_aborted(stopped, splicing) from None
+    finally:
+        reads.close()
+        writes.close()
+        source.close()
+        spliced(transfer.delivered if transfer is not None else 0)
+    return length
+
+
+def download_aborted(stopped: splice.SpliceStopped, splicing: Splicing) -> StreamAborted:
+    if stopped.side == "sink":
+        if stopped.reason == "timeout":
+            return StreamAborted(f"client read too little for {splicing.write_timeout:g} s")
+        return StreamAborted("client closed the connection")
+    if stopped.reason == "timeout":
+        return StreamAborted(f"upstream failed mid-body: upstream registry sent nothing for {splicing.read_timeout:g} s")
+    return StreamAborted(f"upstream failed mid-body: upstream connection {stopped.reason}")
+
+
+class SplicedBody(payload.Payload):
+    """A client's request body of known length, sent upstream with splice once aiohttp has written the request
+    head: what the gateway's server already read of it, then the rest from socket to socket, with the
+    deadlines and minimum rate of a copied body. Copied from `fallback` where a side is under TLS.
+
+    Once it splices, `bypassed` is set: the server's parser on the client connection never sees the body's
+    end, so that connection must be closed after the answer; `finished` once the whole body went up."""
+
+    def __init__(self, request: web.Request, fallback: AsyncIterator[bytes], splicing: Splicing):
+        super().__init__(None)
+        self._size = request.content_length
+        self.request = request
+        self.fallback = fallback
+        self.splicing = splicing
+        self.bypassed = self.finished = False
+        self.spliced = 0
+        # The server reads no more of the body than it holds now, while the upstream connection is opened: a
+        # spliced upload holds at most one read of it (bounded memory per upload), not the stream's buffer.
+        self.held = not request.content.is_eof()
+        if self.held:
+            request.protocol.pause_reading()
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        raise TypeError("a spliced body is never held")
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        await self.write_with_length(writer, None)
+
+    async def write_with_length(self, writer: AbstractStreamWriter, content_length: int | None) -> None:
+        self._consumed = True  # a client's body is sent once: aiohttp must not retry the request with it
+        request, content = self.request, self.request.content
+        remaining = (self._size or 0) - content.total_bytes
+        upstream_transport = writer.transport
+        client_fd, upstream_fd = plain_socket(request.transport), plain_socket(upstream_transport)
+        if (remaining <= 0 or client_fd is None or upstream_fd is None or upstream_transport is None
+                or content.is_eof() or content.exception() is not None):  # fmt: skip
+            if self.held:
+                request.protocol.resume_reading()
+            async for chunk in self.fallback:
+                await writer.write(chunk)
+            return
+        self.bypassed = True
+        writer.send_headers()
+        buffered = content.read_nowait()  # then no more: the server's reading stops before the loop runs again
+        request.protocol.pause_reading()
+        splicing = self.splicing
+        idle, writes = WaitDeadline(splicing.idle_timeout), WaitDeadline(splicing.read_timeout)
+        floor = RateFloor(splicing.min_body_rate, splicing.body_rate_window)
+        transfer: splice.Transfer | None = None
+        try:
+            with splice.duplicates(client_fd, upstream_fd) as (downstream, upstream), splice.Pipe() as pipe:
+                await splice.flushed(upstream_transport, upstream, writes)
+                await splice.send_all(upstream, buffered, writes)
+                transfer = splice.Transfer(downstream, upstream, pipe)
+                await transfer.move(remaining, idle, writes, floor.add)
+            self.finished = True
+        except splice.SpliceStopped as stopped:
+            if stopped.side == "sink":
+                # The client may still be sending what the upstream did not take: the server reads and drops it
+                # for a moment before closing (aiohttp's lingering close), so that the client gets the answer
+                # rather than a reset.
+                request.protocol.resume_reading()
+            raise upload_aborted(stopped, splicing) from None
+        finally:
+            idle.close()
+            writes.close()
+            self.spliced = transfer.delivered if transfer is not None else 0
+            # Counted as received, as if the server had read them: the access log's and the metrics' bytes in.
+            content.total_bytes += self.spliced
+
+
+def upload_aborted(stopped: splice.SpliceStopped, splicing: Splicing) -> Exception:
+    """A client's failure as StreamAborted (the answer is a closed connection), the upstream's as aiohttp's own
+    errors would be (Upstream.open makes them a 502 or 504)."""
+    if stopped.side == "source":
+        if stopped.reason == "timeout":
+            return StreamAborted(f"client sent no body bytes for {splicing.idle_timeout:g} s")
+        return StreamAborted("client closed the connection mid-body")
+    if stopped.reason == "timeout":
+        return TimeoutError(f"upstream registry accepted no body bytes for {splicing.read_timeout:g} s")
+    return ConnectionResetError(f"upstream connection {stopped.reason}")

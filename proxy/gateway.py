@@ -12,6 +12,7 @@ from aiohttp import ClientResponse, HttpVersion11, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from proxy import splice
 from proxy.cleanup import Cleaner
 from proxy.config import Settings, policy_of
 from proxy.errors import (
@@ -28,13 +29,17 @@ from proxy.errors import (
 )
 from proxy.forwarding import (
     STREAM_BUFFER_BYTES,
+    SplicedBody,
+    Splicing,
     StreamAborted,
     Upstream,
     client_body,
     discard_body,
+    known_length,
     read_capped,
     relay_body,
     request_body,
+    splice_download,
 )
 from proxy.headers import (
     ClientView,
@@ -204,6 +209,11 @@ class Gateway:
         self.classifier = ForeignClassifier(settings.foreign.all_media_types, settings.foreign.urls_mark_foreign)
         self.budget.per_manifest = settings.foreign.max_learned_per_manifest
         self.budget.per_repository_hour = settings.foreign.max_learned_per_repository_hour
+        server = settings.server
+        self.splicing = Splicing(
+            server.splice_min_bytes, server.idle_timeout, server.write_timeout, settings.upstream.read_timeout,
+            server.min_body_rate, server.body_rate_window,
+        ) if server.splice and splice.SUPPORTED else None  # fmt: skip
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         route = request[ROUTE]
@@ -551,9 +561,29 @@ class Gateway:
     async def forward(self, request: web.Request) -> web.StreamResponse:
         if request.body_exists:
             await send_continue(request)
-        body = self.client_body(request) if request.body_exists else None
-        async with self.upstream.open(request.method, request.raw_path, self.upstream_headers(request), body) as upstream:
-            return await self.respond(request, upstream, None)
+        body = self.forwarded_body(request)
+        spliced = body if isinstance(body, SplicedBody) else None
+        try:
+            async with self.upstream.open(request.method, request.raw_path, self.upstream_headers(request), body) as upstream:
+                response = await self.respond(request, upstream, None, close=spliced is not None and spliced.bypassed)
+        finally:
+            if spliced is not None:
+                self.metrics.bytes_spliced_up.inc(spliced.spliced)
+        if spliced is not None and spliced.finished:
+            request.protocol.force_close()  # answered: aiohttp would otherwise wait for the body it never saw end
+        return response
+
+    def forwarded_body(self, request: web.Request) -> SplicedBody | AsyncIterator[bytes] | None:
+        """A pass-through request's body: spliced when it is an upload the gateway need not read (not inspected)."""
+        if not request.body_exists:
+            return None
+        body = self.client_body(request)
+        route = request[ROUTE]
+        if (self.splicing is None or route.kind not in {RouteKind.UPLOAD_START, RouteKind.UPLOAD_SESSION}
+                or known_length(request.headers, request.content_length, self.splicing) is None
+                or self.inspects(route)):  # fmt: skip
+            return body
+        return SplicedBody(request, body, self.splicing)
 
     async def forward_manifest_put(self, request: web.Request, route: RouteMatch) -> web.StreamResponse:
         declared = request.content_length
@@ -766,8 +796,11 @@ class Gateway:
             and headers.get("Docker-Content-Digest") not in self.seen_manifests
         )
 
-    async def respond(self, request: web.Request, upstream: ClientResponse, body: bytes | None) -> web.StreamResponse:
-        """Send the upstream's answer on: `body` when the gateway already read it, else streamed."""
+    async def respond(
+        self, request: web.Request, upstream: ClientResponse, body: bytes | None, close: bool = False
+    ) -> web.StreamResponse:
+        """Send the upstream's answer on: `body` when the gateway already read it, else streamed (a blob spliced
+        where it can be). `close`: the client connection closes after it."""
         length = upstream.content_length
         if request.method == "HEAD":
             body_size: int | None = 0
@@ -784,11 +817,13 @@ class Gateway:
                 upstream.headers, self.origins(request), None if body is None else len(body)
             ),
         )
+        if close:
+            response.force_close()
         try:
             await response.prepare(request)
             if request.method != "HEAD":
                 if body is None:
-                    request[BODY_BYTES_OUT] = await relay_body(upstream, response)
+                    request[BODY_BYTES_OUT] = await self.relay(request, upstream, response)
                 else:
                     await response.write(body)
                     request[BODY_BYTES_OUT] = len(body)
@@ -798,3 +833,12 @@ class Gateway:
             # not the upstream's failure, which Upstream.open would make of any aiohttp error raised here.
             raise StreamAborted("client closed the connection") from error
         return response
+
+    async def relay(self, request: web.Request, upstream: ClientResponse, response: web.StreamResponse) -> int:
+        """An upstream body streamed to the client; returns its bytes. Blobs are spliced where they can be."""
+        if self.splicing is not None and request[ROUTE].kind is RouteKind.BLOB and request.method == "GET":
+            relayed = await splice_download(upstream, request.transport, self.splicing,
+                                            self.metrics.bytes_spliced_down.inc)  # fmt: skip
+            if relayed is not None:
+                return relayed
+        return await relay_body(upstream, response)

@@ -22,7 +22,7 @@ from proxy.errors import (
     GatewayError,
     error_body,
 )
-from proxy.forwarding import StreamAborted, WaitDeadline
+from proxy.forwarding import RateFloor, StreamAborted, WaitDeadline
 from proxy.logs import log_event
 
 logger = logging.getLogger("foreign_layer_proxy.limits")
@@ -318,26 +318,20 @@ class MemoryBudget:
 
 async def at_least(body: AsyncIterator[bytes], rate: int, window: float) -> AsyncIterator[bytes]:
     """`body` as it comes, cut off when, over `window` seconds spent waiting for the client, it sent fewer
-    than `rate` bytes a second: a client trickling a few bytes now and then holds an upstream connection
-    for nothing. Time the upstream takes to accept the bytes is not counted."""
+    than `rate` bytes a second (RateFloor). Time the upstream takes to accept the bytes is not counted."""
     if not rate:
         async for chunk in body:
             yield chunk
         return
     chunks = aiter(body)
-    waited, received = 0.0, 0
+    floor = RateFloor(rate, window)
     while True:
         started = time.monotonic()
         try:
             chunk = await anext(chunks)
         except StopAsyncIteration:
             return
-        waited += time.monotonic() - started
-        received += len(chunk)
-        if waited >= window:
-            if received < rate * waited:
-                raise StreamAborted(f"client sent {received} bytes in {waited:.0f} s (minimum {rate} B/s)")
-            waited, received = 0.0, 0
+        floor.add(time.monotonic() - started, len(chunk))
         yield chunk
 
 

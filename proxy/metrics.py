@@ -88,6 +88,11 @@ class Metrics:
             "Body bytes (no headers) streamed: up (client to registry) and down (registry or gateway to client).",
             ["direction"], registry=self.registry,
         )  # fmt: skip
+        self.bytes_spliced = Counter(
+            f"{PREFIX}_spliced_bytes",
+            "Body bytes of streamed_bytes moved with splice(2), from socket to socket in the kernel: up and down.",
+            ["direction"], registry=self.registry,
+        )  # fmt: skip
         self.decisions = Counter(
             f"{PREFIX}_decisions",
             "Foreign-layer decisions: dropped, rejected, allowed, audited, leaked, cleaned; by rule.",
@@ -123,6 +128,8 @@ class Metrics:
         )  # fmt: skip
         self._bytes_up = self.bytes_streamed.labels("up")
         self._bytes_down = self.bytes_streamed.labels("down")
+        self.bytes_spliced_up = self.bytes_spliced.labels("up")
+        self.bytes_spliced_down = self.bytes_spliced.labels("down")
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     def observe_request(
