@@ -29,6 +29,7 @@ logger = logging.getLogger("foreign_layer_proxy.limits")
 
 # A refused connection gets this long to send its request head before it is closed unanswered.
 REFUSAL_GRACE_SECONDS = 5.0
+HEAD_REFUSAL_LINGER_SECONDS = 2.0
 REFUSAL_HEAD_BYTES = 16 * 1024
 
 
@@ -120,6 +121,7 @@ class HeadLimited(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.head_bytes: int | None = 0  # None: the head is in, the body (if any) is not counted
         self.tail = b""
+        self.closing: asyncio.TimerHandle | None = None
 
     def expect_head(self) -> None:
         self.head_bytes, self.tail = 0, b""
@@ -136,9 +138,7 @@ class HeadLimited(asyncio.Protocol):
             counted = len(data) if end == -1 else end - len(self.tail)
             self.head_bytes += counted
             if self.head_bytes > self.connections.max_head_size:
-                self.transport.write(HEAD_TOO_LARGE_ANSWER)
-                self.transport.close()
-                self.transport = None
+                self.refuse(self.transport)
                 return
             if end == -1:
                 self.tail = data[-3:]
@@ -146,8 +146,17 @@ class HeadLimited(asyncio.Protocol):
                 self.head_bytes = None
         self.handler.data_received(data)
 
+    def refuse(self, transport: asyncio.Transport) -> None:
+        """431 and closed; what the client still sends meanwhile is read and dropped for a moment: a connection
+        closed with unread bytes is reset, and the client loses the answer while it is still sending its head."""
+        self.transport = None
+        transport.write(HEAD_TOO_LARGE_ANSWER)
+        if transport.can_write_eof():
+            transport.write_eof()
+        self.closing = asyncio.get_running_loop().call_later(HEAD_REFUSAL_LINGER_SECONDS, transport.close)
+
     def eof_received(self) -> None:
-        self.handler.eof_received()
+        self.handler.eof_received()  # returns nothing: the transport closes, a refused one included
 
     def pause_writing(self) -> None:
         self.handler.pause_writing()
@@ -156,6 +165,8 @@ class HeadLimited(asyncio.Protocol):
         self.handler.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.closing is not None:
+            self.closing.cancel()
         self.connections.forget(self.handler)
         self.handler.connection_lost(exc)
 

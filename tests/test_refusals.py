@@ -270,6 +270,7 @@ async def test_a_client_that_left_is_not_reported_as_an_upstream_failure(registr
     )
     request = make_mocked_request("GET", "/v2/", headers={"Host": registry.host_port}, writer=writer)
     request[REQUEST_ID] = "test-1"
+    gateway.see_client(request)
     try:
         with pytest.raises(StreamAborted, match="client closed the connection"):
             await gateway.forward(request)
