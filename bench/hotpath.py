@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import socket
@@ -36,57 +35,20 @@ import tarfile
 import tempfile
 import time
 from dataclasses import dataclass, field
-from hashlib import sha256
 from io import BytesIO
 from pathlib import Path
 
-from harness import CLOCK_TICKS, HOST, Nginx, Wrk
+import harness
+from harness import CLOCK_TICKS, EMPTY_BLOB, HOST, Nginx, Wrk
 from support.processes import ManagedProcess, free_port
 
 REPOSITORY = "library/app"
-MANIFEST = b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{},"layers":[]}'
-MANIFEST_DIGEST = "sha256:" + sha256(MANIFEST).hexdigest()
-EMPTY_DIGEST = "sha256:" + sha256(b"").hexdigest()
 REQUESTS = {
     "base": ("GET", "/v2/"),
     "manifest": ("GET", f"/v2/{REPOSITORY}/manifests/latest"),
-    "blob_head": ("HEAD", f"/v2/{REPOSITORY}/blobs/{EMPTY_DIGEST}"),
+    "blob_head": ("HEAD", f"/v2/{REPOSITORY}/blobs/{EMPTY_BLOB}"),
 }
 CHECKOUT = Path(__file__).resolve().parent.parent
-
-STATIC_CONFIG = """\
-{user}worker_processes 1;
-daemon off;
-pid {workdir}/static.pid;
-error_log {workdir}/static-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {workdir}/client_body;
-    proxy_temp_path {workdir}/proxy_temp;
-    fastcgi_temp_path {workdir}/fastcgi_temp;
-    uwsgi_temp_path {workdir}/uwsgi_temp;
-    scgi_temp_path {workdir}/scgi_temp;
-    keepalive_requests 1000000;
-    server {{
-        listen {listen};
-        add_header Docker-Distribution-Api-Version registry/2.0;
-        location /v2/{repository}/manifests/ {{
-            default_type application/vnd.oci.image.manifest.v1+json;
-            add_header Docker-Content-Digest {manifest_digest};
-            add_header Docker-Distribution-Api-Version registry/2.0;
-            return 200 '{manifest}';
-        }}
-        location /v2/{repository}/blobs/ {{
-            default_type application/octet-stream;
-            add_header Docker-Content-Digest {empty_digest};
-            add_header Docker-Distribution-Api-Version registry/2.0;
-            return 200 '';
-        }}
-        location / {{ default_type application/json; return 200 '{{}}'; }}
-    }}
-}}
-"""
 
 BARE_SERVER = """
 import asyncio, sys
@@ -145,18 +107,10 @@ class Target:
         return self.nginx.worker_pid if self.nginx is not None else self.process.pid
 
 
-def static_upstream(workdir: Path) -> tuple[ManagedProcess, str]:
-    port = free_port()
-    config = workdir / "static.conf"
-    user = "user root;\n" if os.geteuid() == 0 else ""
-    config.write_text(STATIC_CONFIG.format(
-        user=user, workdir=workdir, listen=f"{HOST}:{port}", repository=REPOSITORY, manifest=MANIFEST.decode(),
-        manifest_digest=MANIFEST_DIGEST, empty_digest=EMPTY_DIGEST))  # fmt: skip
-    process = ManagedProcess(["nginx", "-c", config, "-p", workdir, "-e", workdir / "static-error.log"],
-                             log_path=workdir / "static.log")  # fmt: skip
-    process.start()
-    process.wait_for_port(HOST, port)
-    return process, f"{HOST}:{port}"
+def static_upstream(workdir: Path) -> tuple[Nginx, str]:
+    """harness' static upstream (nginx answering like a registry itself) and its host:port."""
+    static, url = harness.static_upstream(workdir / "static")
+    return static, url.removeprefix("http://")
 
 
 def source_tree(ref: str, workdir: Path) -> Path:
@@ -300,7 +254,7 @@ def gateway_sources(options: argparse.Namespace, workdir: Path) -> dict[str, Pat
 
 
 def count_instructions(options: argparse.Namespace, workdir: Path) -> int:
-    static: ManagedProcess | None = None
+    static: Nginx | None = None
     counts: dict[str, float] = {}
     requests = [REQUESTS[kind] for kind in options.kinds.split(",")]
     try:
@@ -347,7 +301,7 @@ def main() -> int:
     if options.callgrind:
         return count_instructions(options, workdir)
     targets: list[Target] = []
-    static: ManagedProcess | None = None
+    static: Nginx | None = None
     try:
         static, upstream = static_upstream(workdir)
         sources = gateway_sources(options, workdir)

@@ -65,9 +65,10 @@ class CompactLayers(Mapping[str, ForeignLayer]):
                 known[key] = layer.size << SIZE_SHIFT | code
 
     def add_many(self, rows: Iterable[Sequence[Any]]) -> None:
-        """`add` for each row of (digest, media_type, size, urls, diff_id), the common case (a new canonical
-        digest, no rare fields) inline: what a store's load is made of, a million times."""
-        known = self._known
+        """`add` for each row of (digest, media_type, size, urls, diff_id), the common cases (a new canonical
+        digest, no rare fields, no urls or one URL of a known pattern) inline: what a store's load is made of,
+        a million times."""
+        known, url_codes = self._known, self._url_codes
         media_type, code = None, RARE
         for row in rows:
             digest, size, urls, diff_id = row[0], row[2], row[3], row[4]
@@ -77,10 +78,15 @@ class CompactLayers(Mapping[str, ForeignLayer]):
                 key = int(digest[7:], 16)
             except ValueError:
                 key = -1
-            if urls or diff_id or code == RARE or key in known or digest != f"{SHA256_PREFIX}{key:064x}":
+            pattern = 0
+            if urls and len(urls) == 1:
+                before, named, after = urls[0].partition(digest)
+                pattern = url_codes.get((before, after), -1) if named else -1
+            if (pattern < 0 or (urls and not pattern) or diff_id or code == RARE or key in known
+                    or digest != f"{SHA256_PREFIX}{key:064x}"):  # fmt: skip
                 self.add(digest, row[1], size, tuple(urls or ()), diff_id)
             else:
-                known[key] = size << SIZE_SHIFT | code
+                known[key] = size << SIZE_SHIFT | pattern << MEDIA_BITS | code
 
     def _packed(self, digest: str) -> int | None:
         key = _key(digest)

@@ -1097,7 +1097,12 @@ def _layer_values(layer: ForeignLayer, teachings: Sequence[Teaching]) -> dict[st
 
 
 def _urls(text: str) -> tuple[str, ...]:
-    return () if text == NO_URLS else tuple(json.loads(text))
+    if text == NO_URLS:
+        return ()
+    one = text[2:-2]
+    if text.startswith('["') and text.endswith('"]') and '"' not in one and "\\" not in one:
+        return (one,)  # the common case, a URL json.dumps left as it is, without a JSON parse per row at a load
+    return tuple(json.loads(text))
 
 
 def _layer(row: Sequence[Any]) -> ForeignLayer:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import sqlite3
 import sys
@@ -33,6 +34,7 @@ from proxy.store import (
     Sighting,
     SqliteStore,
     StoreError,
+    _urls,
     open_store,
 )
 from proxy.store_redis import (
@@ -995,3 +997,10 @@ async def test_every_change_is_published(store: ForeignStore, backend: Backend) 
     await listener.aclose()
 
     assert messages == ["learn", "learn", "forget"]
+
+
+@settings(max_examples=300, deadline=None, database=None, derandomize=True)
+@given(st.lists(st.text(), max_size=3))
+def test_urls_read_back_at_a_load_are_the_urls_written(urls: list[str]) -> None:
+    """A load reads a one-URL column without a JSON parse: whatever json.dumps made of the urls must come back."""
+    assert _urls(json.dumps(urls)) == tuple(urls)
