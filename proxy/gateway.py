@@ -342,7 +342,8 @@ class Gateway:
             body = feed.body(self.client_body(request))
             async with self.upstream.open("PATCH", request.raw_path, self.upstream_headers(request), body) as upstream:
                 await self.follow(upload, feed, upstream)
-                answered = True
+                # Before the client has the answer: its next chunk may come at once, on another connection.
+                answered, upload.busy = True, False
                 return await self.respond(request, upstream, None)
         finally:
             upload.busy = False
