@@ -704,6 +704,7 @@ class SqliteStore:
             generation = _meta(connection, "generation")
             # Rows straight into the compact set: a million ForeignLayers at once would cost ~300 MiB.
             layers = CompactLayers()
+            layers.reserve(*connection.execute("SELECT count(*), count(diff_id) FROM foreign_layers").fetchone())
             layers.add_many(connection.execute(f"SELECT digest, media_type, size, NULL, diff_id {WITHOUT_URLS}"))
             layers.add_many(
                 (digest, media_type, size, _urls(urls), diff_id) for digest, media_type, size, urls, diff_id

@@ -434,6 +434,7 @@ class RedisStore:
         reach: dict[str, Reach] = {}
         with self._backend_errors():
             generation = int(cast(str | None, await self._client.get(GENERATION)) or 0)
+            layers.reserve(int(await self._client.hlen(LAYERS)))
             cursor, digests, values = await self._snapshot_slice(keys=[LAYERS], args=["0", KNOWN_SLICE])
             while True:
                 following = None

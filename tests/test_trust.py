@@ -382,11 +382,13 @@ async def test_a_version_3_file_gains_teachings_from_its_first_sightings(tmp_pat
 # One new digest against a million known: what following the store costs each process
 
 
-def fill_sqlite(path: Path, count: int, url_before: str | None = None) -> None:
+def fill_sqlite(path: Path, count: int, url_before: str | None = None, diff_ids: bool = False) -> None:
     """`count` layers taught by `learn`, written by SQLite itself (no Python loop over rows); with `url_before`,
-    each with its own URL, as manifests teach them: `url_before` and the digest."""
+    each with its own URL, as manifests teach them: `url_before` and the digest; with `diff_ids`, each with its
+    own diff_id, as a manifest's config gives them."""
     teachings = json.dumps([[None, "learn", None, EVERYWHERE, False, 0.0]])
     urls = "'[]'" if url_before is None else f"""'["{url_before}' || printf('sha256:%064x', i) || '"]'"""
+    diff_id = "printf('sha256:d%063x', i)" if diff_ids else "NULL"
     with sqlite3.connect(path) as connection:
         connection.execute("PRAGMA synchronous = OFF")
         connection.execute(
@@ -394,23 +396,24 @@ def fill_sqlite(path: Path, count: int, url_before: str | None = None) -> None:
             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)
             INSERT INTO foreign_layers (digest, media_type, size, urls, diff_id, first_source, first_seen,
                                         last_source, last_seen, teachings)
-            SELECT printf('sha256:%064x', i), ?, 1000, {urls}, NULL, 'learn', 0, 'learn', 0, ? FROM n
+            SELECT printf('sha256:%064x', i), ?, 1000, {urls}, {diff_id}, 'learn', 0, 'learn', 0, ? FROM n
             """,
             (count, FOREIGN_GZIP, teachings),
         )
     connection.close()
 
 
-# KEYS: layers. ARGV: first, last, value. Written by Redis itself, in slices of a few hundred thousand.
+# KEYS: layers. ARGV: first, last, value (a format of the number). Written by Redis itself, in slices of a few hundred thousand.
 FILL_REDIS = """
 for i = tonumber(ARGV[1]), tonumber(ARGV[2]) do
-    redis.call('HSET', KEYS[1], string.format('sha256:%064x', i), ARGV[3])
+    redis.call('HSET', KEYS[1], string.format('sha256:%064x', i), string.format(ARGV[3], i))
 end
 """
 
 
-def fill_redis(server: RedisServer, count: int) -> None:
-    value = json.dumps([FOREIGN_GZIP, 1000, [], None, None])
+def fill_redis(server: RedisServer, count: int, diff_ids: bool = False) -> None:
+    """`count` layers, written by Redis itself; with `diff_ids`, each with its own."""
+    value = json.dumps([FOREIGN_GZIP, 1000, [], "sha256:d%063x" if diff_ids else None, None])
     with server.client() as client:
         for first in range(1, count + 1, 250_000):
             client.eval(FILL_REDIS, 1, LAYERS, first, min(count, first + 249_999), value)
