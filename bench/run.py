@@ -611,23 +611,29 @@ def capacity(plan: Plan, services: Services, wrk: Wrk, results: Results) -> None
 # 6: a known set of a million digests that changes while load runs
 
 
-def known_layers(numbers: range, with_urls: bool) -> list[ForeignLayer]:
-    """Foreign layers as digest files teach them (no urls), or as manifests do: each with its own URL, which
-    holds its digest (as Windows base layers' do: https://mcr.microsoft.com/v2/.../blobs/sha256:...)."""
+WITH_URLS_AND_DIFF_IDS = "with urls and diff_ids"
+
+
+def known_layers(numbers: range, as_manifests_teach: bool) -> list[ForeignLayer]:
+    """Foreign layers as digest files teach them (no urls), or as manifests and their configs do: each with its
+    own URL, which holds its digest (as Windows base layers' do: https://mcr.microsoft.com/v2/.../blobs/sha256:...),
+    and its own diff_id."""
     digests = [f"sha256:{number:064x}" for number in numbers]
     return [
         ForeignLayer(digest, FOREIGN_TYPE, 100 * MIB + number,
-                     (f"https://example.invalid/v2/windows/servercore/blobs/{digest}",) if with_urls else ())
+                     (f"https://example.invalid/v2/windows/servercore/blobs/{digest}",) if as_manifests_teach else (),
+                     f"sha256:d{number:063x}" if as_manifests_teach else None)
         for number, digest in zip(numbers, digests, strict=True)
     ]  # fmt: skip
 
 
-async def fill_store(url: str, count: int, with_urls: bool, batch: int = 100_000) -> None:
+async def fill_store(url: str, count: int, as_manifests_teach: bool, batch: int = 100_000) -> None:
     """`count` foreign layers, written through the store's own API in batches (SQLite: about 25 s a million)."""
     store = open_store(url)
     try:
         for start in range(0, count, batch):
-            await store.learn(known_layers(range(start, min(count, start + batch)), with_urls), Sighting("learn"))
+            numbers = range(start, min(count, start + batch))
+            await store.learn(known_layers(numbers, as_manifests_teach), Sighting("learn"))
     finally:
         await store.close()
 
@@ -694,13 +700,13 @@ def known_set(plan: Plan, services: Services, wrk: Wrk, results: Results) -> Non
     upstream = services.static_upstream()
     count = plan.known_digests
     size = f"{count / 1e6:g}M" if count >= 1_000_000 else f"{count // 1000}k"
-    with_urls = f"{size} with urls"
+    with_urls = f"{size} {WITH_URLS_AND_DIFF_IDS}"
     stores = {"empty": f"sqlite:///{services.workdir / 'known-empty.db'}",
               size: f"sqlite:///{services.workdir / 'known-full.db'}",
               with_urls: f"sqlite:///{services.workdir / 'known-urls.db'}"}  # fmt: skip
     for variant in (size, with_urls):
         started = time.perf_counter()
-        asyncio.run(fill_store(stores[variant], count, with_urls=variant == with_urls))
+        asyncio.run(fill_store(stores[variant], count, as_manifests_teach=variant == with_urls))
         note(f"  {count} digests ({variant}) written to the store in {time.perf_counter() - started:.1f} s")
     config = {"policy": {"pretend_present": True}}
     gateways: dict[str, GatewayProcess] = {}
@@ -780,7 +786,7 @@ def million_rows(results: Results, size: str, count: int) -> None:
         return max(values) if values else None
 
     empty_rss = results.median("known rss", "empty")
-    for variant in (size, f"{size} with urls"):
+    for variant in (size, f"{size} {WITH_URLS_AND_DIFF_IDS}"):
         suffix = variant.removeprefix(size)
         what = f"{size} known digests{suffix}"
         startup = results.single(f"known startup{suffix}", f"gateway start-up with {what} (until one is enforced)",
@@ -888,7 +894,7 @@ PERFORMANCE_KEYS = (
     *(f"capacity {case.key} {figure}" for figure in ("cpu_us", "rps") for case in CAPACITY_CASES),
     "upload cpu", "chunked cpu", "download cpu", "upload wall", "download wall",
     "concurrent peak rss", "rss growth",
-    "known rss growth", "known rss growth with urls", "known startup", "known startup with urls", "known rps", "known p99", "known enforced max", "known stall", "burst after cpu",
+    "known rss growth", f"known rss growth {WITH_URLS_AND_DIFF_IDS}", "known startup", f"known startup {WITH_URLS_AND_DIFF_IDS}", "known rps", "known p99", "known enforced max", "known stall", "burst after cpu",
 )  # fmt: skip
 
 

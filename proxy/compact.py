@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import mmap
 from array import array
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from proxy.manifests import ForeignLayer
@@ -44,30 +45,51 @@ class _HashIndex:
         slots = MIN_SLOTS
         while slots < 2 * capacity:
             slots *= 2
-        self.slots = array("I", bytes(4 * slots))
+        # Its own anonymous mapping: pages are touched only as slots fill, and all go back at once when an
+        # index that grew is dropped (a heap block would leave the process that much bigger).
+        self.slots = memoryview(mmap.mmap(-1, 4 * slots)).cast("I")
         self.mask = slots - 1
         self.entries = 0
 
-    def free_slot(self, hashed: int) -> int:
+    def find(self, hashed: int, hashes: array[int], after: int = -1) -> int:
+        """The next slot (from the one after `after`) of a row of that hash, or else -1 - the free slot where
+        one would go: a caller that finds the row is not the one it looks for looks on."""
         slots, mask = self.slots, self.mask
-        slot = hashed & mask
-        while slots[slot]:
+        slot = hashed & mask if after < 0 else (after + 1) & mask
+        while entry := slots[slot]:
+            if hashes[entry - 1] == hashed:
+                return slot
             slot = (slot + 1) & mask
-        return slot
+        return -1 - slot
 
     def put(self, slot: int, row: int) -> None:
         self.slots[slot] = row + 1
         self.entries += 1
 
-    def full(self) -> bool:
-        return 2 * (self.entries + 1) > len(self.slots)
+    def has_room(self, more: int) -> bool:
+        return 2 * (self.entries + more) <= len(self.slots)
 
 
 def _indexed(hashes: array[int], capacity: int, rows: Iterable[int]) -> _HashIndex:
+    """An index of `rows`, distinct, with room for `capacity`."""
     index = _HashIndex(capacity)
     for row in rows:
-        index.put(index.free_slot(hashes[row]), row)
+        index.put(-1 - index.find(hashes[row], hashes), row)
     return index
+
+
+def _row_bytes(column: bytearray, row: int) -> bytearray:
+    return column[row * DIGEST_BYTES:(row + 1) * DIGEST_BYTES]
+
+
+def _slot_of(index: _HashIndex, hashes: array[int], column: bytearray, row: int) -> int:
+    """The slot of another row with row `row`'s hash and bytes, or else -1 - the free slot for it."""
+    hashed, mine, slot = hashes[row], _row_bytes(column, row), -1
+    while (slot := index.find(hashed, hashes, slot)) >= 0:
+        other = index.slots[slot] - 1
+        if other != row and _row_bytes(column, other) == mine:
+            return slot
+    return slot
 
 
 class CompactLayers(Mapping[str, ForeignLayer]):
@@ -105,60 +127,105 @@ class CompactLayers(Mapping[str, ForeignLayer]):
         if 2 * diff_ids > len(self._by_diff_id.slots) and not self._indexed_diff_ids:
             self._by_diff_id = _HashIndex(diff_ids)
 
-    def add_many(self, rows: Iterable[Sequence[Any]]) -> None:
-        """`add` for each row of (digest, media_type, size, urls, diff_id), the common case (a canonical sha256
-        digest and diff_id, no urls or one URL of a known pattern) inline: what a store's load is made of, a
-        million times."""
-        url_codes, rare, fromhex = self._url_codes, self._rare, bytes.fromhex
-        media_type, code = None, MEDIA_TYPES
+    def add_many(self, rows: Iterable[Sequence[Any]], urls_text: Callable[[str], tuple[str, ...]] | None = None) -> None:
+        """`add` for each row of (digest, media_type, size, urls, diff_id); with `urls_text`, a row's urls are
+        text it decodes, read as a pattern without decoding where one like it was. The common case (a canonical
+        sha256 digest and diff_id, no urls or one URL of a known pattern) is appended inline and indexed at the
+        end: what a store's load is made of, a million times."""
+        url_codes = self._url_codes if urls_text is None else {}
+        rare, fromhex = self._rare, bytes.fromhex
+        media_type, code, pending = None, MEDIA_TYPES, len(self._values)
         for row in rows:
             digest, size, urls, diff_id = row[0], row[2], row[3], row[4]
             if row[1] != media_type:
                 media_type, code = row[1], self._media_code(row[1])
             pattern = 0
-            if urls and len(urls) == 1:
-                before, named, after = urls[0].partition(digest)
-                pattern = url_codes.get((before, after), -1) if named else -1
+            if urls:
+                before, named, after = urls.partition(digest) if urls_text else urls[0].partition(digest)
+                pattern = url_codes.get((before, after), -1) if named and (urls_text or len(urls) == 1) else -1
+                if urls_text and named and (before, after) not in url_codes:
+                    decoded = urls_text(urls)
+                    known = self._url_pattern(digest, decoded) if len(decoded) == 1 else None
+                    pattern = url_codes[before, after] = -1 if known is None else known
             try:
                 raw, diff_raw = fromhex(digest[7:]), fromhex(diff_id[7:]) if diff_id else NO_DIFF_ID
             except ValueError:
                 raw = diff_raw = b""
-            if (pattern < 0 or (urls and not pattern) or code == MEDIA_TYPES or not 0 <= size < MAX_PACKED_SIZE
+            if (pattern <= 0 and urls or code == MEDIA_TYPES or not 0 <= size < MAX_PACKED_SIZE
                     or len(raw) != DIGEST_BYTES or raw.hex() != digest[7:] or not digest.startswith(SHA256_PREFIX)
                     or diff_id and (len(diff_raw) != DIGEST_BYTES or diff_raw.hex() != diff_id[7:]
                                     or diff_raw == NO_DIFF_ID or not diff_id.startswith(SHA256_PREFIX))
                     or digest in rare):  # fmt: skip
-                self.add(digest, row[1], size, tuple(urls or ()), diff_id)
+                self._index_from(pending)
+                self.add(digest, row[1], size, urls_text(urls) if urls_text and urls else tuple(urls or ()), diff_id)
+                pending = len(self._values)
             else:
-                self._put_row(digest, raw, size << SIZE_SHIFT | pattern << MEDIA_BITS | code, diff_id, diff_raw)
+                self._append_row(digest, raw, size << SIZE_SHIFT | pattern << MEDIA_BITS | code, diff_id, diff_raw)
+        self._index_from(pending)
+
+    def _append_row(self, digest: str, raw: bytes, packed: int, diff_id: str | None, diff_raw: bytes) -> None:
+        """A new row, to be indexed by `_index_from`."""
+        self._digests += raw
+        self._hashes.append(hash(digest))
+        self._values.append(packed)
+        if diff_id or self._diff_id_hashes:
+            missing = len(self._values) - 1 - len(self._diff_id_hashes)
+            if missing:  # the rows before had none
+                self._diff_id_bytes += bytes(DIGEST_BYTES * missing)
+                self._diff_id_hashes.frombytes(bytes(8 * missing))
+            self._diff_id_bytes += diff_raw
+            self._diff_id_hashes.append(hash(diff_id) or 1 if diff_id else UNINDEXED)
+            if diff_id and self._rare_diff_ids:
+                self._rare_diff_ids.pop(diff_id, None)
+
+    def _index_from(self, first: int) -> None:
+        """Rows `first` on, appended by `_append_row`, into the indexes: a row of a digest (or diff_id)
+        indexed before gives its place up, as it would to a later `add`."""
+        added = len(self._values) - first
+        if not added:
+            return
+        if not self._by_digest.has_room(added):
+            capacity = max(len(self._by_digest.slots), self._live + added)  # twice the slots, or what is added
+            self._by_digest = _indexed(self._hashes, capacity, self._live_rows(first))
+        diff_hashes = self._diff_id_hashes
+        with_diff_ids = len(diff_hashes) > first
+        if with_diff_ids:
+            self._diff_id_room(added, first)
+        # A free first slot taken inline: this runs a million times at a load.
+        digests, hashes, index, by_diff_id = self._digests, self._hashes, self._by_digest, self._by_diff_id
+        slots, mask, diff_slots, diff_mask = index.slots, index.mask, by_diff_id.slots, by_diff_id.mask
+        for row in range(first, first + added):
+            slot = hashes[row] & mask
+            if slots[slot]:
+                slot = _slot_of(index, hashes, digests, row)
+                if slot >= 0:
+                    self._forget_row(slots[slot] - 1, self._digest_at(row))
+                    index.entries -= 1
+                slot = -1 - slot if slot < 0 else slot
+            slots[slot] = row + 1
+            index.entries += 1
+            self._live += 1
+            if with_diff_ids and (diff_hash := diff_hashes[row]) != UNINDEXED:
+                if diff_slots[diff_hash & diff_mask]:
+                    self._index_diff_id(row)
+                else:
+                    diff_slots[diff_hash & diff_mask] = row + 1
+                    by_diff_id.entries += 1
+                    self._indexed_diff_ids += 1
 
     def _put_row(self, digest: str, raw: bytes, packed: int, diff_id: str | None, diff_raw: bytes) -> None:
         """The layer as a row (the one it had, if any): a canonical digest and diff_id, a packed size."""
         found = self._find(digest)
-        if found >= 0:
-            self._made.pop(digest, None)
-            if self._values[found] == FORGOTTEN:
-                self._live += 1
-            self._values[found] = packed
-            if diff_id or found < len(self._diff_id_hashes):
-                self._set_diff_id(found, diff_id, diff_raw)
+        if found < 0:
+            self._append_row(digest, raw, packed, diff_id, diff_raw)
+            self._index_from(len(self._values) - 1)
             return
-        row = len(self._values)
-        self._digests += raw
-        self._hashes.append(hash(digest))
-        self._values.append(packed)
-        if self._by_digest.full():
-            self._by_digest = _indexed(self._hashes, 2 * self._live + 2, self._live_rows())
-        else:
-            self._by_digest.put(-found - 1, row)
-        self._live += 1
-        if diff_id or self._diff_id_hashes:
-            if len(self._diff_id_hashes) < row:
-                self._set_diff_id(row - 1, None, NO_DIFF_ID)  # the rows before had none
-            self._diff_id_bytes += diff_raw
-            self._diff_id_hashes.append(UNINDEXED)
-            if diff_id:
-                self._index_diff_id(row, diff_id)
+        self._made.pop(digest, None)
+        if self._values[found] == FORGOTTEN:
+            self._live += 1
+        self._values[found] = packed
+        if diff_id or found < len(self._diff_id_hashes):
+            self._set_diff_id(found, diff_id, diff_raw)
 
     def _fits_a_row(self, digest: str, code: int, size: int, diff_id: str | None) -> tuple[bytes, bytes] | None:
         raw = sha256_bytes(digest)
@@ -168,69 +235,61 @@ class CompactLayers(Mapping[str, ForeignLayer]):
         return (raw, diff_raw) if 0 <= size < MAX_PACKED_SIZE else None
 
     def _find(self, digest: str) -> int:
-        """The row of a digest (live or forgotten), or else -1 - the free slot where its row would go."""
-        hashed = hash(digest)
-        index, hashes, digests = self._by_digest, self._hashes, self._digests
-        slots, mask = index.slots, index.mask
-        slot = hashed & mask
-        while entry := slots[slot]:
-            row = entry - 1
-            if (hashes[row] == hashed and digests[row * DIGEST_BYTES:(row + 1) * DIGEST_BYTES].hex() == digest[7:]
-                    and digest.startswith(SHA256_PREFIX)):  # fmt: skip
+        """The row of a digest (live or forgotten), or -1."""
+        hashed, index, slot = hash(digest), self._by_digest, -1
+        while (slot := index.find(hashed, self._hashes, slot)) >= 0:
+            row = index.slots[slot] - 1
+            if self._digest_at(row) == digest:
                 return row
-            slot = (slot + 1) & mask
-        return -1 - slot
+        return -1
 
-    def _live_rows(self) -> Iterator[int]:
+    def _live_rows(self, end: int | None = None) -> Iterator[int]:
         values = self._values
-        return (row for row in range(len(values)) if values[row] != FORGOTTEN)
+        return (row for row in range(len(values) if end is None else end) if values[row] != FORGOTTEN)
 
-    def _find_diff_id(self, diff_id: str, hashed: int = 0) -> int:
-        """The row whose layer a diff_id names, or else -1 - the free slot where its entry would go."""
-        hashed = hashed or hash(diff_id) or 1
-        index, hashes, diff_ids = self._by_diff_id, self._diff_id_hashes, self._diff_id_bytes
-        slots, mask = index.slots, index.mask
-        slot = hashed & mask
-        while entry := slots[slot]:
-            row = entry - 1
-            if (hashes[row] == hashed and diff_ids[row * DIGEST_BYTES:(row + 1) * DIGEST_BYTES].hex() == diff_id[7:]
-                    and diff_id.startswith(SHA256_PREFIX)):  # fmt: skip
+    def _find_diff_id(self, diff_id: str) -> int:
+        """The row whose layer a diff_id names, or -1."""
+        hashed, index, slot = hash(diff_id) or 1, self._by_diff_id, -1
+        while (slot := index.find(hashed, self._diff_id_hashes, slot)) >= 0:
+            row = index.slots[slot] - 1
+            if SHA256_PREFIX + _row_bytes(self._diff_id_bytes, row).hex() == diff_id:
                 return row
-            slot = (slot + 1) & mask
-        return -1 - slot
+        return -1
 
     def _set_diff_id(self, row: int, diff_id: str | None, raw: bytes) -> None:
-        """A row's diff_id (NO_DIFF_ID: none); a diff_id names the layer it came with last."""
+        """An indexed row's diff_id (NO_DIFF_ID: none); a diff_id names the layer it came with last."""
         missing = row + 1 - len(self._diff_id_hashes)
         if missing > 0:
             self._diff_id_bytes += bytes(DIGEST_BYTES * missing)
             self._diff_id_hashes.frombytes(bytes(8 * missing))
-        elif self._diff_id_bytes[row * DIGEST_BYTES:(row + 1) * DIGEST_BYTES] == raw and (
-            self._diff_id_hashes[row] != UNINDEXED or raw == NO_DIFF_ID
-        ):
+        elif _row_bytes(self._diff_id_bytes, row) == raw and (self._diff_id_hashes[row] != UNINDEXED or not diff_id):
             return
         self._unindex_diff_id(row)
         self._diff_id_bytes[row * DIGEST_BYTES:(row + 1) * DIGEST_BYTES] = raw
         if diff_id and raw != NO_DIFF_ID:
-            self._index_diff_id(row, diff_id)
-
-    def _index_diff_id(self, row: int, diff_id: str) -> None:
-        """The diff_id of row `row` (its bytes in place) names it, and no longer the layer it named."""
-        if self._rare_diff_ids:
             self._rare_diff_ids.pop(diff_id, None)
-        hashed = hash(diff_id) or 1
-        found = self._find_diff_id(diff_id, hashed)
-        if found >= 0:
-            self._unindex_diff_id(found)
-        self._diff_id_hashes[row] = hashed
-        self._indexed_diff_ids += 1
-        index = self._by_diff_id
-        if index.full():
+            self._diff_id_room(1, len(self._diff_id_hashes))
+            self._diff_id_hashes[row] = hash(diff_id) or 1
+            self._index_diff_id(row)
+
+    def _diff_id_room(self, more: int, end: int) -> None:
+        """Room in the diff_id index for `more`, the rows indexed so far being those before `end`."""
+        if not self._by_diff_id.has_room(more):
             hashes = self._diff_id_hashes
-            indexed = (number for number in range(len(hashes)) if hashes[number] != UNINDEXED)
-            self._by_diff_id = _indexed(hashes, 2 * self._indexed_diff_ids, indexed)
+            indexed = (row for row in range(end) if hashes[row] != UNINDEXED)
+            capacity = max(len(self._by_diff_id.slots), self._indexed_diff_ids + more)
+            self._by_diff_id = _indexed(hashes, capacity, indexed)
+
+    def _index_diff_id(self, row: int) -> None:
+        """Row `row`'s diff_id (its bytes and hash in place) names it, and no longer the layer it named."""
+        index = self._by_diff_id
+        slot = _slot_of(index, self._diff_id_hashes, self._diff_id_bytes, row)
+        if slot < 0:
+            index.put(-1 - slot, row)
         else:
-            index.put(index.free_slot(hashed) if found >= 0 else -found - 1, row)
+            self._unindex_diff_id(index.slots[slot] - 1)
+            index.slots[slot] = row + 1
+        self._indexed_diff_ids += 1
 
     def _release_diff_id(self, diff_id: str) -> None:
         """`diff_id` is about to name another layer: it no longer names the one it named."""
@@ -244,8 +303,15 @@ class CompactLayers(Mapping[str, ForeignLayer]):
             self._diff_id_hashes[row] = UNINDEXED
             self._indexed_diff_ids -= 1
 
+    def _forget_row(self, row: int, digest: str) -> None:
+        if self._values[row] != FORGOTTEN:
+            self._values[row] = FORGOTTEN
+            self._live -= 1
+            self._unindex_diff_id(row)
+        self._made.pop(digest, None)
+
     def _digest_at(self, row: int) -> str:
-        return SHA256_PREFIX + self._digests[row * DIGEST_BYTES:(row + 1) * DIGEST_BYTES].hex()
+        return SHA256_PREFIX + _row_bytes(self._digests, row).hex()
 
     def get(self, digest: str, default: ForeignLayer | None = None) -> ForeignLayer | None:  # type: ignore[override]
         # The hot path, for every digest a push names: mostly unknown ones, so that a miss costs a probe or
@@ -264,7 +330,7 @@ class CompactLayers(Mapping[str, ForeignLayer]):
             urls = (f"{before}{digest}{after}",)
         diff_id = None
         if row < len(self._diff_id_hashes):
-            raw = self._diff_id_bytes[row * DIGEST_BYTES:(row + 1) * DIGEST_BYTES]
+            raw = _row_bytes(self._diff_id_bytes, row)
             diff_id = None if raw == NO_DIFF_ID else SHA256_PREFIX + raw.hex()
         layer = ForeignLayer(digest, self._media_types[packed & MEDIA_TYPES], packed >> SIZE_SHIFT, urls, diff_id)
         if len(self._made) >= MADE_CAPACITY:
@@ -324,10 +390,8 @@ class CompactLayers(Mapping[str, ForeignLayer]):
                 del self._rare_diff_ids[rare.diff_id]
             return
         row = self._find(digest) if self._live else -1
-        if row >= 0 and self._values[row] != FORGOTTEN:
-            self._values[row] = FORGOTTEN
-            self._live -= 1
-            self._unindex_diff_id(row)
+        if row >= 0:
+            self._forget_row(row, digest)
 
     def _url_pattern(self, digest: str, urls: tuple[str, ...]) -> int | None:
         """The code of the pattern `urls` follow: 0 for none, None for urls kept whole (several, or one that
@@ -386,5 +450,5 @@ class DiffIdIndex(Mapping[str, ForeignLayer]):
         hashes, diff_ids = layers._diff_id_hashes, layers._diff_id_bytes
         for row in range(len(hashes)):
             if hashes[row] != UNINDEXED:
-                yield SHA256_PREFIX + diff_ids[row * DIGEST_BYTES:(row + 1) * DIGEST_BYTES].hex()
+                yield SHA256_PREFIX + _row_bytes(diff_ids, row).hex()
         yield from layers._rare_diff_ids

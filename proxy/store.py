@@ -707,9 +707,8 @@ class SqliteStore:
             layers.reserve(*connection.execute("SELECT count(*), count(diff_id) FROM foreign_layers").fetchone())
             layers.add_many(connection.execute(f"SELECT digest, media_type, size, NULL, diff_id {WITHOUT_URLS}"))
             layers.add_many(
-                (digest, media_type, size, _urls(urls), diff_id) for digest, media_type, size, urls, diff_id
-                in connection.execute(f"SELECT {LAYER_COLUMNS} FROM foreign_layers WHERE urls != ?", (NO_URLS,))
-            )  # fmt: skip
+                connection.execute(f"SELECT {LAYER_COLUMNS} FROM foreign_layers WHERE urls != ?", (NO_URLS,)), _urls
+            )
             reach: dict[str, Reach] = {}
             for digest, scoped in connection.execute("SELECT digest, reach FROM foreign_layers WHERE reach IS NOT NULL"):
                 if (scoped_reach := decode_reach(scoped)) is not None:
