@@ -144,8 +144,8 @@ class CompactLayers(Mapping[str, ForeignLayer]):
                 before, named, after = urls.partition(digest) if urls_text else urls[0].partition(digest)
                 pattern = url_codes.get((before, after), -1) if named and (urls_text or len(urls) == 1) else -1
                 if urls_text and named and (before, after) not in url_codes:
-                    decoded = urls_text(urls)
-                    known = self._url_pattern(digest, decoded) if len(decoded) == 1 else None
+                    # Text without escapes around the digest decodes the same around any other digest.
+                    known = self._url_pattern(digest, urls_text(urls)) if "\\" not in before + after else None
                     pattern = url_codes[before, after] = -1 if known is None else known
             try:
                 raw, diff_raw = fromhex(digest[7:]), fromhex(diff_id[7:]) if diff_id else NO_DIFF_ID

@@ -4,6 +4,7 @@ and answers exactly as a dict of ForeignLayer would."""
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -298,3 +299,33 @@ def test_a_bulk_load_holds_what_adding_each_row_would() -> None:
     bulk.add_many(rows)
     assert dict(bulk) == dict(one_by_one) and dict(bulk.diff_ids) == dict(one_by_one.diff_ids)
     assert bulk[digest(1)] == ForeignLayer(digest(1), NONDISTRIBUTABLE, 11) and len(bulk) == len(rows) - 1
+
+
+URLS_AS_TEXT = [
+    (f"{WINDOWS_BLOBS}{digest(1)}",),
+    (f"{WINDOWS_BLOBS}{digest(2)}",),  # the same pattern: read from its text, not decoded
+    ("https://b.invalid/y",),  # naming no digest
+    (f"{WINDOWS_BLOBS}{digest(4)}", "https://b.invalid/y"),  # two
+    (f"https://c.invalid/{digest(5)}/{digest(5)}",),  # the digest twice
+    (f'https://d.invalid/"quoted"/é/{digest(6)}',),  # escaped in JSON
+    (f"https://d.invalid/\"quoted\"/é/{digest(7)}",),
+    (),
+]
+
+
+@pytest.mark.parametrize("ensure_ascii", [True, False], ids=["ascii-json", "utf8-json"])
+def test_a_load_of_urls_as_a_store_keeps_them_as_text_holds_what_adding_each_row_would(ensure_ascii: bool) -> None:
+    """A store's urls column is JSON text: the load reads a pattern seen before from the text itself, and
+    decodes the rest, so every row must come out as decoding each would have given."""
+    texts = [json.dumps(list(urls), ensure_ascii=ensure_ascii) for urls in URLS_AS_TEXT]
+    # Text another writer may give: the digest once escaped, once not; the same text around another digest.
+    first = len(texts) + 1
+    texts += [f'["https://e.invalid/\\u0073ha256:{digest(first)[7:]}/{digest(number)}"]' for number in (first, first + 1)]
+    rows = [(digest(number), FOREIGN, number, text, digest(100 + number)) for number, text in enumerate(texts, start=1)]
+    one_by_one = CompactLayers()
+    for name, media_type, size, urls, diff_id in rows:
+        one_by_one.add(name, media_type, size, tuple(json.loads(urls)), diff_id)
+    bulk = CompactLayers()
+    bulk.add_many(rows, lambda text: tuple(json.loads(text)))
+    assert dict(bulk) == dict(one_by_one) and dict(bulk.diff_ids) == dict(one_by_one.diff_ids)
+    assert [bulk[digest(number)].urls for number in range(1, len(texts) + 1)] == [tuple(json.loads(text)) for text in texts]
