@@ -196,10 +196,13 @@ class Traffic:
         local = f"local/{repository.replace('/', '-')}"
         archive = write_oci_archive(image, self.tmp.mktemp("archive") / "image.oci.tar")
         await asyncio.to_thread(self.containerd.import_archive, archive, local)
-        result = await asyncio.to_thread(
+        push = functools.partial(
             self.containerd.push, f"{local}:latest", f"{self.host}/{repository}:1",
             allow_non_distributable=non_distributable, timeout=CLIENT_TIMEOUT_SECONDS,
         )  # fmt: skip
+        result = await asyncio.to_thread(push)
+        if self.containerd.push_panicked(result):  # once more: ctr's own race on a refusal, not the gateway's answer
+            result = await asyncio.to_thread(push)
         output = describe(result)
         if non_distributable and self.rejects(repository):
             assert result.returncode != 0, output
