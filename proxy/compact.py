@@ -82,6 +82,20 @@ def _row_bytes(column: bytearray, row: int) -> bytearray:
     return column[row * DIGEST_BYTES:(row + 1) * DIGEST_BYTES]
 
 
+def _name_hash(name: str) -> int:
+    return hash(name) or 1  # 0 is UNINDEXED
+
+
+def _row_named(index: _HashIndex, hashes: array[int], column: bytearray, name: str) -> int:
+    """The row whose 32 bytes a canonical sha256 `name` spells, or -1."""
+    hashed, slot = _name_hash(name), -1
+    while (slot := index.find(hashed, hashes, slot)) >= 0:
+        row = index.slots[slot] - 1
+        if SHA256_PREFIX + _row_bytes(column, row).hex() == name:
+            return row
+    return -1
+
+
 def _slot_of(index: _HashIndex, hashes: array[int], column: bytearray, row: int) -> int:
     """The slot of another row with row `row`'s hash and bytes, or else -1 - the free slot for it."""
     hashed, mine, slot = hashes[row], _row_bytes(column, row), -1
@@ -166,15 +180,12 @@ class CompactLayers(Mapping[str, ForeignLayer]):
     def _append_row(self, digest: str, raw: bytes, packed: int, diff_id: str | None, diff_raw: bytes) -> None:
         """A new row, to be indexed by `_index_from`."""
         self._digests += raw
-        self._hashes.append(hash(digest))
+        self._hashes.append(_name_hash(digest))
         self._values.append(packed)
         if diff_id or self._diff_id_hashes:
-            missing = len(self._values) - 1 - len(self._diff_id_hashes)
-            if missing:  # the rows before had none
-                self._diff_id_bytes += bytes(DIGEST_BYTES * missing)
-                self._diff_id_hashes.frombytes(bytes(8 * missing))
+            self._diff_id_columns_to(len(self._values) - 1)
             self._diff_id_bytes += diff_raw
-            self._diff_id_hashes.append(hash(diff_id) or 1 if diff_id else UNINDEXED)
+            self._diff_id_hashes.append(_name_hash(diff_id) if diff_id else UNINDEXED)
             if diff_id and self._rare_diff_ids:
                 self._rare_diff_ids.pop(diff_id, None)
 
@@ -236,12 +247,7 @@ class CompactLayers(Mapping[str, ForeignLayer]):
 
     def _find(self, digest: str) -> int:
         """The row of a digest (live or forgotten), or -1."""
-        hashed, index, slot = hash(digest), self._by_digest, -1
-        while (slot := index.find(hashed, self._hashes, slot)) >= 0:
-            row = index.slots[slot] - 1
-            if self._digest_at(row) == digest:
-                return row
-        return -1
+        return _row_named(self._by_digest, self._hashes, self._digests, digest)
 
     def _live_rows(self, end: int | None = None) -> Iterator[int]:
         values = self._values
@@ -249,19 +255,12 @@ class CompactLayers(Mapping[str, ForeignLayer]):
 
     def _find_diff_id(self, diff_id: str) -> int:
         """The row whose layer a diff_id names, or -1."""
-        hashed, index, slot = hash(diff_id) or 1, self._by_diff_id, -1
-        while (slot := index.find(hashed, self._diff_id_hashes, slot)) >= 0:
-            row = index.slots[slot] - 1
-            if SHA256_PREFIX + _row_bytes(self._diff_id_bytes, row).hex() == diff_id:
-                return row
-        return -1
+        return _row_named(self._by_diff_id, self._diff_id_hashes, self._diff_id_bytes, diff_id)
 
     def _set_diff_id(self, row: int, diff_id: str | None, raw: bytes) -> None:
         """An indexed row's diff_id (NO_DIFF_ID: none); a diff_id names the layer it came with last."""
-        missing = row + 1 - len(self._diff_id_hashes)
-        if missing > 0:
-            self._diff_id_bytes += bytes(DIGEST_BYTES * missing)
-            self._diff_id_hashes.frombytes(bytes(8 * missing))
+        if row >= len(self._diff_id_hashes):
+            self._diff_id_columns_to(row + 1)
         elif _row_bytes(self._diff_id_bytes, row) == raw and (self._diff_id_hashes[row] != UNINDEXED or not diff_id):
             return
         self._unindex_diff_id(row)
@@ -269,8 +268,14 @@ class CompactLayers(Mapping[str, ForeignLayer]):
         if diff_id and raw != NO_DIFF_ID:
             self._rare_diff_ids.pop(diff_id, None)
             self._diff_id_room(1, len(self._diff_id_hashes))
-            self._diff_id_hashes[row] = hash(diff_id) or 1
+            self._diff_id_hashes[row] = _name_hash(diff_id)
             self._index_diff_id(row)
+
+    def _diff_id_columns_to(self, rows: int) -> None:
+        """The diff_id columns as long as `rows` rows: those not there had none."""
+        missing = rows - len(self._diff_id_hashes)
+        self._diff_id_bytes += bytes(DIGEST_BYTES * missing)
+        self._diff_id_hashes.frombytes(bytes(8 * missing))
 
     def _diff_id_room(self, more: int, end: int) -> None:
         """Room in the diff_id index for `more`, the rows indexed so far being those before `end`."""
@@ -317,7 +322,7 @@ class CompactLayers(Mapping[str, ForeignLayer]):
         # The hot path, for every digest a push names: mostly unknown ones, so that a miss costs a probe or
         # two of the index (by the digest's string hash, which the str keeps once computed).
         if self._live:
-            row = self._find(digest)
+            row = _row_named(self._by_digest, self._hashes, self._digests, digest)
             if row >= 0 and (packed := self._values[row]) != FORGOTTEN:
                 made = self._made.get(digest)
                 return made if made is not None else self._layer(digest, packed, row)

@@ -1,6 +1,6 @@
 """The in-memory set of known foreign layers: what the hot path reads, kept in step with the store.
 
-Requests only read `layers` (a CompactLayers: one int look-up per digest) and `reach` (a dict). Writes to the store and resyncs from it happen
+Requests only read `layers` (a CompactLayers: a probe or two of a hash index per digest) and `reach` (a dict). Writes to the store and resyncs from it happen
 in one background task, so that a slow or broken store never delays or fails a request. A resync reads
 only what changed since the generation this process last saw; a full reload only when the store no
 longer has that history (or was reset).
